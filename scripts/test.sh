@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The project's test command (README "Build and test"); CI runs it through .ci/run.
+# Installs the build tools, builds wavenet_ae._C in place (editable install; CUDA kernels too when
+# /usr/local/cuda has nvcc and torch is a CUDA build), then runs the tests. WAVENET_AE_REQUIRE_EXT=1
+# makes the tests fail if the extension is missing or silently came out CPU-only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python -m pip install torch==2.14.1 setuptools wheel ninja
+MAX_JOBS=${MAX_JOBS:-2} python -m pip install --no-build-isolation -e ".[test]"
+WAVENET_AE_REQUIRE_EXT=1 python -m pytest -q tests
