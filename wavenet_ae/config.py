@@ -1,0 +1,233 @@
+"""Hyper-parameters as dataclasses, with JSON round-trip and named presets.
+
+Names follow the original author's notes (n_res, n_dil, n_skp, ...). A run stores its
+`Config` as `config.json`; `Config.from_json(Config.to_json())` is the identity.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+BOTTLENECKS = ("ae", "vae", "vqvae")
+
+
+@dataclass
+class ModelConfig:
+    # audio / features
+    sample_rate: int = 16000
+    n_mfcc: int = 13            # static MFCCs; with deltas and delta-deltas n_in = 3 * n_mfcc
+    n_mels: int = 40
+    mfcc_win: int = 400         # 25 ms analysis window (samples)
+    mfcc_hop: int = 160         # 10 ms hop -> 100 Hz frames
+    delta_width: int = 9        # librosa.feature.delta width (odd)
+    # encoder (paper Figure 1): conv3, conv3 (residual), strided conv, conv3, conv3 (residual), FC stack
+    n_enc: int = 768
+    enc_kern: int = 3
+    enc_stride_kern: int = 4
+    enc_stride: int = 2         # 100 Hz -> 50 Hz
+    n_enc_fc: int = 4
+    # bottleneck
+    bottleneck: str = "vqvae"
+    n_latent: int = 64          # latent dims (n_lc_in of the decoder)
+    n_codes: int = 512          # vqvae codebook size
+    vq_commitment: float = 0.25
+    vq_ema_decay: float = 0.99  # EMA codebook updates (0 = learn codebook by gradient)
+    vq_dead_restart: bool = True
+    vae_kl_weight: float = 1.0
+    # decoder conditioning
+    jitter_prob: float = 0.12
+    n_lc_kern: int = 3          # Conv3 at 50 Hz before upsampling
+    n_lc_out: int = 128
+    lc_upsample_strides: list[int] = field(default_factory=lambda: [5, 4, 4, 4])
+    lc_upsample_kern_sizes: list[int] = field(default_factory=lambda: [10, 8, 8, 8])
+    n_speakers: int = 16
+    n_global_embed: int = 32
+    # WaveNet decoder
+    n_kern: int = 2             # taps of each dilated causal conv
+    n_blocks: int = 2
+    n_block_layers: int = 10    # dilations 1, 2, ..., 2**(n_block_layers-1) per block
+    n_res: int = 64
+    n_dil: int = 64             # gated channels (the dilated conv outputs 2 * n_dil)
+    n_skp: int = 256
+    n_post: int = 256
+    n_quant: int = 256
+    bias: bool = True
+
+    @property
+    def n_in(self) -> int:
+        return 3 * self.n_mfcc
+
+    @property
+    def n_lc_in(self) -> int:
+        return self.n_latent
+
+    @property
+    def hop(self) -> int:
+        """wav samples per latent vector (320 at 16 kHz)."""
+        return self.mfcc_hop * self.enc_stride
+
+    @property
+    def dilations(self) -> list[int]:
+        return [2 ** i for _ in range(self.n_blocks) for i in range(self.n_block_layers)]
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid model config: {msg}")
+
+        need(self.bottleneck in BOTTLENECKS, f"bottleneck={self.bottleneck!r} not in {BOTTLENECKS}")
+        need(self.delta_width % 2 == 1 and self.delta_width >= 3, "delta_width must be odd and >= 3")
+        need(self.mfcc_win >= self.mfcc_hop, "mfcc_win must be >= mfcc_hop")
+        need(len(self.lc_upsample_strides) == len(self.lc_upsample_kern_sizes),
+             "lc_upsample_strides and lc_upsample_kern_sizes differ in length")
+        need(math.prod(self.lc_upsample_strides) == self.hop,
+             f"prod(lc_upsample_strides)={math.prod(self.lc_upsample_strides)} must equal "
+             f"the encoder hop mfcc_hop*enc_stride={self.hop}")
+        for s, k in zip(self.lc_upsample_strides, self.lc_upsample_kern_sizes):
+            need(k >= s, f"upsampling kernel {k} < stride {s} would leave gaps")
+        need(self.n_kern >= 2, "n_kern must be >= 2")
+        need(0.0 <= self.jitter_prob <= 1.0, "jitter_prob must lie in [0, 1]")
+        need(self.n_quant >= 2, "n_quant must be >= 2")
+
+
+@dataclass
+class DataConfig:
+    n_batch: int = 8            # B: windows per batch
+    n_win: int = 3200           # N: predicted samples per window (multiple of the hop)
+    buffer_seconds: float = 120.0
+    fraction: float = 1.0       # share of a buffer's window starts drawn before refilling
+    valid_fraction: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 4e-4
+    lr_warmup_steps: int = 500
+    lr_decay_steps: int = 200_000
+    lr_min_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0
+    max_steps: int = 200_000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    validate_every: int = 1000
+    log_every: int = 10
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "paper"
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.data.n_win % self.model.hop:
+            raise ValueError(f"invalid data config: n_win={self.data.n_win} must be a multiple of "
+                             f"the encoder hop {self.model.hop}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            sub_cls = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}.get(f.name)
+            kw[f.name] = _build(sub_cls, d[f.name], f.name) if sub_cls else d[f.name]
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        """Apply `section.key=value` (or unambiguous `key=value`) strings; values parse as JSON."""
+        d = self.to_dict()
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set expects key=value, got {item!r}")
+            section, name = _locate(d, key.strip())
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            old = d[section][name]
+            if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(old) is not type(value):
+                raise ValueError(f"--set {key}: expected {type(old).__name__}, got {raw!r}")
+            d[section][name] = value
+        cfg = Config.from_dict(d)
+        cfg.validate()
+        return cfg
+
+
+def _build(cls, d: dict[str, Any], section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown keys in config section {section!r}: {sorted(unknown)}")
+    return cls(**d)
+
+
+def _locate(d: dict[str, Any], key: str) -> tuple[str, str]:
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section in d and isinstance(d[section], dict) and name in d[section]:
+            return section, name
+        raise ValueError(f"unknown config key {key!r}")
+    hits = [s for s, v in d.items() if isinstance(v, dict) and key in v]
+    if len(hits) != 1:
+        raise ValueError(f"config key {key!r} is {'ambiguous' if hits else 'unknown'}"
+                         + (f" (in {hits})" if hits else ""))
+    return hits[0], key
+
+
+def paper() -> Config:
+    """Chorowski et al. 2019, Figure 1. Choices the paper leaves open are documented inline:
+    codebook 512 (their VQ experiments range 32..512 codes per 50 Hz frame), commitment 0.25
+    (VQ-VAE paper), EMA codebook updates (more stable than the codebook loss, fewer dead codes),
+    windows of 0.2 s predicted samples (decoder field is 2047 samples, ~0.13 s), Adam 4e-4."""
+    cfg = Config(preset="paper")
+    cfg.validate()
+    return cfg
+
+
+def tiny() -> Config:
+    """Trains visibly in minutes on 2 CPU cores: narrow encoder, 1 x 8 layer decoder."""
+    m = ModelConfig(
+        n_enc=64, n_enc_fc=2, n_latent=16, n_codes=64, n_lc_out=32,
+        lc_upsample_strides=[5, 4, 4, 4], lc_upsample_kern_sizes=[10, 8, 8, 8],
+        n_global_embed=16, n_blocks=1, n_block_layers=8,
+        n_res=32, n_dil=32, n_skp=64, n_post=64,
+    )
+    cfg = Config(model=m, data=DataConfig(n_batch=8, n_win=1280, buffer_seconds=60.0),
+                 train=TrainConfig(lr=1e-3, lr_warmup_steps=50, lr_decay_steps=5000,
+                                   checkpoint_every=200, validate_every=200),
+                 preset="tiny")
+    cfg.validate()
+    return cfg
+
+
+PRESETS = {"paper": paper, "tiny": tiny}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,3 @@
+from .autoencoder import WaveNetAE
+
+__all__ = ["WaveNetAE"]
