@@ -1,0 +1,169 @@
+"""Training in real processes, interrupted by real signals, resumes bit-exactly."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from wavenet_ae import checkpoint
+
+STEPS = 14
+SMALL = ["n_enc=24", "n_latent=8", "n_codes=32", "n_res=12", "n_dil=12", "n_skp=24", "n_post=24",
+         "n_lc_out=16", "n_block_layers=6", "n_batch=3", "n_win=640", "buffer_seconds=10",
+         "fraction=0.002", "validate_every=7", "log_every=1", "keep_checkpoints=20"]
+
+
+def _cmd(run_dir, *extra):
+    return [sys.executable, "-m", "wavenet_ae.train", "--run-dir", str(run_dir), "--preset", "tiny",
+            "--max-steps", str(STEPS), "--checkpoint-every", "4", "--seed", "5", "--set", *SMALL, *extra]
+
+
+def _env(**kw):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env.update(kw)
+    return env
+
+
+def _run(run_dir, **env):
+    r = subprocess.run(_cmd(run_dir), env=_env(**env), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _last_step(run_dir: Path) -> int:
+    log = run_dir / "log.jsonl"
+    if not log.exists():
+        return 0
+    steps = [json.loads(x).get("step", 0) for x in log.read_text().splitlines() if x.strip()]
+    return max(steps, default=0)
+
+
+def _wait(pred, proc, timeout=300):
+    t = time.time()
+    while not pred():
+        assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-3000:]}"
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(0.02)
+
+
+def _final_state(run_dir):
+    ck = checkpoint.load_file(checkpoint.list_checkpoints(run_dir)[-1][1])
+    assert ck["step"] == STEPS
+    return ck
+
+
+def _assert_identical(a, b):
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"weights differ: {k}"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state differs: {i}.{k}"
+    assert a["data_position"] == b["data_position"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    _run(run_dir)
+    return _final_state(run_dir)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigint_at_a_random_step_then_resume_is_exact(reference, tmp_path, seed):
+    at = random.Random(seed).randint(1, STEPS - 2)
+    proc = subprocess.Popen(_cmd(tmp_path), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait(lambda: _last_step(tmp_path) >= at, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = checkpoint.list_checkpoints(tmp_path)[-1][0]
+    assert at <= stopped < STEPS, "SIGINT must checkpoint the step it interrupted"
+    assert "stopped by signal" in err
+    r = _run(tmp_path)
+    assert f"resumed {tmp_path} at step {stopped}" in r.stdout
+    _assert_identical(reference, _final_state(tmp_path))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_moment_then_resume_is_exact(reference, tmp_path, seed):
+    rng = random.Random(100 + seed)
+    proc = subprocess.Popen(_cmd(tmp_path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    at = rng.randint(2, STEPS - 3)
+    _wait(lambda: _last_step(tmp_path) >= at, proc)
+    time.sleep(rng.uniform(0, 0.3))
+    proc.kill()
+    proc.wait()
+    latest = checkpoint.load_latest(tmp_path)          # None (killed before the first) is fine too
+    assert latest is None or latest["step"] % 4 == 0
+    _run(tmp_path)
+    _assert_identical(reference, _final_state(tmp_path))
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_run(reference, tmp_path):
+    proc = subprocess.Popen(_cmd(tmp_path), env=_env(WAVENET_AE_TEST_CKPT_DELAY="3"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ck_dir = checkpoint.checkpoint_dir(tmp_path)
+    # the second checkpoint (step 8) is being written: the first one (step 4) must survive
+    _wait(lambda: ck_dir.is_dir() and any(p.name.startswith(".step-00000008") for p in ck_dir.iterdir()),
+          proc)
+    proc.kill()
+    proc.wait()
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [4]
+    assert checkpoint.load_latest(tmp_path)["step"] == 4
+    _run(tmp_path)
+    assert not list(ck_dir.glob(".step-*"))           # the half-written temp file was cleaned up
+    _assert_identical(reference, _final_state(tmp_path))
+
+
+def test_second_sigint_while_checkpointing_corrupts_nothing(reference, tmp_path):
+    proc = subprocess.Popen(_cmd(tmp_path), env=_env(WAVENET_AE_TEST_CKPT_DELAY="1.5"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: _last_step(tmp_path) >= 5, proc)
+    proc.send_signal(signal.SIGINT)
+    ck_dir = checkpoint.checkpoint_dir(tmp_path)
+    _wait(lambda: any(p.name.startswith(".step-") for p in ck_dir.iterdir()), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert checkpoint.load_latest(tmp_path)["step"] >= 5
+    _run(tmp_path)
+    _assert_identical(reference, _final_state(tmp_path))
+
+
+def test_changed_settings_on_resume_are_a_clear_error(tmp_path):
+    first = subprocess.run(_cmd(tmp_path, "n_res=20", "--max-steps", "1"), env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = subprocess.run(_cmd(tmp_path, "n_res=13"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "model.n_res" in r.stderr
+    ok = subprocess.run(_cmd(tmp_path, "n_res=20", "--max-steps", "2"), env=_env(),
+                        capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0 and "resumed" in ok.stdout          # max_steps is safe to change
+
+
+def test_two_process_gloo_training_checkpoints_every_rank_and_resumes(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank's data position is saved and restored."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(29500 + os.getpid() % 1000)]
+    cmd = lambda steps: torchrun + _cmd(tmp_path, "--max-steps", str(steps))[1:]
+    r = subprocess.run(cmd(4), env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = checkpoint.load_latest(tmp_path)
+    pos = [json.loads(p) for p in ck["data_position"]]
+    assert [p["rank"] for p in pos] == [0, 1] and all(p["world_size"] == 2 for p in pos)
+    r = subprocess.run(cmd(6), env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-3000:]
+    assert checkpoint.load_latest(tmp_path)["step"] == 6
+    # a single process cannot silently continue a 2-process run
+    r = subprocess.run(_cmd(tmp_path, "--max-steps", "8"), env=_env(), capture_output=True, text=True)
+    assert r.returncode != 0 and "same world size" in r.stderr

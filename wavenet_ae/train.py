@@ -1,0 +1,411 @@
+"""Train a WaveNet autoencoder: `python -m wavenet_ae.train --run-dir DIR [...]`.
+
+A new DIR starts a run (config.json, speakers.json); a DIR with a checkpoint resumes it exactly.
+One step = fetch batch t -> forward/backward -> update -> data position t + 1. SIGINT/SIGTERM only
+set a flag, so a step is never cut in half: the loop notices the flag between steps, writes a
+checkpoint and exits 0. Multi-GPU / multi-process: the same command under `torchrun`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import Config, preset
+from .data import DEMO_CORPUS
+from .data.corpus import Corpus, index_corpus
+from .data.slice_buffer import SliceBuffer, fixed_batches
+from .diagnostics import evaluate
+from .features import mfcc_features
+from .model import WaveNetAE
+
+# keys that may differ between a run's config.json and a resume command
+SAFE_TO_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.validate_every", "train.log_every", "data.buffer_seconds"}
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the training loop acts on it between steps."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then checkpointing",
+                  file=sys.stderr, flush=True)
+        self.signum = signum
+
+
+# --- run directory ---------------------------------------------------------------------------------
+
+def load_corpora(data: str | None, cfg: Config) -> tuple[Corpus, Corpus]:
+    """Training and validation corpora. A `split.tsv` (path, speaker, split) beside the corpus
+    decides the split (the demo corpus has one); otherwise a hash of the path does."""
+    from .rfield import plan
+    source = Path(data) if data else DEMO_CORPUS
+    p = plan(cfg.model, cfg.data.n_win)
+    corpus = index_corpus(source, cfg.model.sample_rate, p.total_len)
+    split_file = (source if source.is_dir() else source.parent) / "split.tsv"
+    if split_file.is_file():
+        split = {}
+        for line in split_file.read_text().splitlines()[1:]:
+            path, _, which = line.split("\t")
+            split[str((split_file.parent / path).resolve())] = which
+        pick = lambda which: [u for u in corpus.utterances if split.get(str(Path(u.path).resolve())) == which]
+        train, valid = pick("train"), pick("valid")
+        if train:
+            return Corpus(train, corpus.speakers, corpus.rejected), Corpus(valid, corpus.speakers)
+    return corpus.split(cfg.data.valid_fraction, seed=0)
+
+
+def feature_stats(corpus: Corpus, cfg: Config, max_files: int = 64):
+    """Per-coefficient mean/std of the features over (a deterministic sample of) training files."""
+    from .data.corpus import load_audio
+    step = max(1, len(corpus.utterances) // max_files)
+    feats = [mfcc_features(load_audio(u.path, cfg.model.sample_rate), cfg.model)
+             for u in corpus.utterances[::step]]
+    cat = np.concatenate(feats, axis=1)
+    return torch.from_numpy(cat.mean(1)), torch.from_numpy(cat.std(1))
+
+
+def config_for_run(run_dir: Path, args) -> tuple[Config, bool]:
+    """(config, is_new). Resume: the stored config, with only safe keys changeable."""
+    path = run_dir / "config.json"
+    overrides = list(args.set or [])
+    for flag, key in ((args.max_steps, "train.max_steps"), (args.checkpoint_every, "train.checkpoint_every"),
+                      (args.seed, "train.seed")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if not path.exists():
+        cfg = preset(args.preset).with_overrides(overrides)
+        return cfg, True
+    stored = Config.from_json(path.read_text())
+    wanted = stored.with_overrides(overrides)
+    a, b = stored.to_dict(), wanted.to_dict()
+    changed = [f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s][k]]
+    unsafe = [k for k in changed if k not in SAFE_TO_CHANGE]
+    if unsafe:
+        raise SystemExit(f"error: {path} exists and these settings differ from it: {', '.join(unsafe)}. "
+                         f"Resume with the original settings or use a new --run-dir.")
+    if args.preset and args.preset != stored.preset and args.preset_given:
+        raise SystemExit(f"error: {path} was made with --preset {stored.preset}, not {args.preset}")
+    return wanted, False
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.lr_warmup_steps:
+            return (step + 1) / t.lr_warmup_steps
+        frac = min(1.0, (step - t.lr_warmup_steps) / max(1, t.lr_decay_steps - t.lr_warmup_steps))
+        return t.lr_min_ratio + (1 - t.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+# --- RNG state -------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+# --- distributed -----------------------------------------------------------------------------------
+
+def setup_distributed(device: str) -> tuple[int, int, str]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def train(args) -> int:
+    run_dir = Path(args.run_dir)
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
+    cfg, is_new = config_for_run(run_dir, args)
+    ckpt = None if is_new else checkpoint.load_latest(run_dir)
+    torch.manual_seed(cfg.train.seed + rank)
+    np.random.seed(cfg.train.seed + rank)
+    random.seed(cfg.train.seed + rank)
+
+    train_set, valid_set = load_corpora(args.data, cfg)
+    speakers_path = run_dir / "speakers.json"
+    if speakers_path.exists():
+        speakers = json.loads(speakers_path.read_text())
+        if speakers != train_set.speakers:
+            raise SystemExit(f"error: the corpus speakers {train_set.speakers} differ from "
+                             f"{speakers_path} {speakers}")
+    speakers = train_set.speakers
+    if len(speakers) > cfg.model.n_speakers:
+        if not is_new:
+            raise SystemExit(f"error: {len(speakers)} speakers but the run has n_speakers="
+                             f"{cfg.model.n_speakers}")
+        cfg.model.n_speakers = len(speakers)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.to_json())
+        speakers_path.write_text(json.dumps(speakers, indent=1))
+        print(f"data: train {train_set.summary()}; valid {len(valid_set.utterances)} files", flush=True)
+
+    model = WaveNetAE(cfg.model).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    p = model.plan(cfg.data.n_win)
+    buf = SliceBuffer(train_set, cfg.model, p, cfg.data.n_batch, cfg.data.buffer_seconds,
+                      cfg.data.fraction, seed=cfg.train.seed, rank=rank, world_size=world)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step = int(ckpt["step"])
+        if len(ckpt["data_position"]) != world:
+            raise SystemExit(f"error: checkpoint was written by {len(ckpt['data_position'])} processes, "
+                             f"now {world}: resume with the same world size")
+        buf.restore(json.loads(ckpt["data_position"][rank]))
+        set_rng_state(ckpt["rng"][rank])
+        if is_main:
+            print(f"resumed {run_dir} at step {step}", flush=True)
+    else:
+        mean, std = feature_stats(train_set, cfg)
+        model.encoder.set_feature_stats(mean, std)
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    valid_batches = fixed_batches(valid_set, cfg.model, p, cfg.data.n_batch, 8) if is_main else []
+
+    stop = StopFlag()
+    log = Logger(run_dir, enabled=is_main)
+    use_bf16 = device.startswith("cuda")
+    t_last, n_last = time.time(), 0
+    max_steps = cfg.train.max_steps
+    from tqdm import tqdm
+    bar = tqdm(total=max_steps, initial=step, disable=None if is_main else True, dynamic_ncols=True)
+    exit_code = 0
+
+    def save() -> None:
+        positions = gather(json.dumps(buf.state()), world)
+        rngs = gather(rng_state(), world)
+        if is_main:
+            checkpoint.save(run_dir, step, {
+                "step": step, "config": cfg.to_dict(), "speakers": speakers,
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "data_position": positions, "rng": rngs,
+            }, keep=cfg.train.keep_checkpoints)
+
+    try:
+        while step < max_steps:
+            if _agree(stop.signum is not None, world):
+                save()
+                log.close_message(f"stopped by signal at step {step}; checkpoint written")
+                break
+            batch = next(buf)                                         # fetch t
+            model.train()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                loss, terms = _loss(ddp, model, batch, device)
+            if not torch.isfinite(loss):
+                msg = (f"non-finite loss {loss.item()} at step {step + 1}; stopping. The last good "
+                       f"checkpoint is intact: lower train.lr or check the data around files "
+                       f"{batch.files}")
+                log.close_message(msg)
+                print(f"error: {msg}", file=sys.stderr)
+                exit_code = 3
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1                                                  # data position is t + 1 now
+            n_last += batch.dec_q.shape[0] * p.n_win
+            if step % cfg.train.log_every == 0 or step == max_steps:
+                now = time.time()
+                scalars = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+                           "samples_per_s": n_last * world / (now - t_last)}
+                scalars.update({k: float(v.detach()) for k, v in terms.items() if v.dim() == 0})
+                t_last, n_last = now, 0
+                log.scalars(step, "train", scalars)
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", **log.alerts)
+            bar.update(1)
+            if is_main and valid_batches and (step % cfg.train.validate_every == 0 or step == max_steps):
+                log.validation(step, evaluate(model, valid_batches, device),
+                               warn=step > cfg.train.lr_warmup_steps)
+            if step % cfg.train.checkpoint_every == 0 or step == max_steps:
+                save()
+    finally:
+        bar.close()
+        buf.close()
+        log.close()
+        if world > 1:
+            dist.destroy_process_group()
+    return exit_code
+
+
+def _loss(ddp, model, batch, device):
+    feats, dec_q, spk = batch.feats.to(device), batch.dec_q.to(device), batch.speaker.to(device)
+    logits, terms = ddp(feats, dec_q, spk)        # through the DDP wrapper, if any: it syncs gradients
+    return model.loss_from(logits, terms, dec_q)
+
+
+def _agree(flag: bool, world: int) -> bool:
+    """All ranks stop at the same step if any of them was signalled."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Logger:
+    """log.jsonl + TensorBoard scalars; warnings when the latent looks unused."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled, self.run_dir = enabled, run_dir
+        self.alerts: dict[str, str] = {}
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.jsonl = open(run_dir / "log.jsonl", "a")
+
+    def _write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def scalars(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": step, "kind": kind, "time": time.time(), **values})
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def validation(self, step: int, values: dict, warn: bool = True) -> None:
+        self.alerts.clear()
+        if values["conditioning_gain"] < 0.02:
+            self.alerts["latents"] = "UNUSED?"
+            if warn:
+                warnings.warn(f"step {step}: conditioning gain {values['conditioning_gain']:.4f} "
+                              "nats/sample: the decoder barely uses the latents")
+        if "perplexity" in values and values["perplexity"] < 2.0:
+            self.alerts["codebook"] = "COLLAPSED"
+            if warn:
+                warnings.warn(f"step {step}: codebook perplexity {values['perplexity']:.2f}: collapse")
+        self.scalars(step, "valid", {k: v for k, v in values.items() if not isinstance(v, list)})
+        if self.enabled and "kl_per_dim" in values:
+            self._write({"step": step, "kind": "valid_kl_per_dim", "kl_per_dim": values["kl_per_dim"]})
+
+    def close_message(self, msg: str) -> None:
+        if self.enabled:
+            self._write({"kind": "event", "time": time.time(), "message": msg})
+        print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+            plot_losses(self.run_dir)
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png: training loss and held-out CE / conditioning gain from log.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = [json.loads(line) for line in open(run_dir / "log.jsonl") if line.strip()]
+    tr = [r for r in recs if r.get("kind") == "train"]
+    va = [r for r in recs if r.get("kind") == "valid"]
+    if not tr:
+        return None
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot([r["step"] for r in tr], [r["ce"] for r in tr], label="train CE", lw=0.8)
+    if va:
+        ax[0].plot([r["step"] for r in va], [r["ce"] for r in va], "o-", label="valid CE")
+        ax[0].plot([r["step"] for r in va], [r["ce_shuffled_latents"] for r in va], "s--",
+                   label="valid CE, shuffled latents")
+        ax[1].plot([r["step"] for r in va], [r["conditioning_gain"] for r in va], "o-", label="latents")
+        ax[1].plot([r["step"] for r in va], [r["speaker_gain"] for r in va], "s-", label="speaker")
+    ax[0].set(xlabel="step", ylabel="nats / sample", title="cross-entropy")
+    ax[1].set(xlabel="step", ylabel="nats / sample", title="conditioning gain (shuffled - true)")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m wavenet_ae.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--data", help="corpus directory (speaker = first-level folder) or path<TAB>speaker "
+                                   "manifest; default: the bundled demo corpus")
+    ap.add_argument("--preset", default=None, choices=["tiny", "paper"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--max-steps", type=int)
+    ap.add_argument("--checkpoint-every", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = ap.parse_args(argv)
+    args.preset_given = args.preset is not None
+    args.preset = args.preset or "paper"
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    sys.exit(train(args))
+
+
+if __name__ == "__main__":
+    main()
