@@ -140,6 +140,15 @@ def test_second_sigint_while_checkpointing_corrupts_nothing(reference, tmp_path)
     _assert_identical(reference, _final_state(tmp_path))
 
 
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    r = subprocess.run(_cmd(tmp_path, "lr=1e6", "lr_warmup_steps=1", "--checkpoint-every", "1"),
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3 and "non-finite loss" in r.stderr and ".flac" in r.stderr
+    last = checkpoint.load_latest(tmp_path)
+    assert last is not None and all(torch.isfinite(v).all() for v in last["model"].values()
+                                    if v.is_floating_point())
+
+
 def test_changed_settings_on_resume_are_a_clear_error(tmp_path):
     first = subprocess.run(_cmd(tmp_path, "n_res=20", "--max-steps", "1"), env=_env(),
                            capture_output=True, text=True, timeout=600)

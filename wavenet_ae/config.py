@@ -98,7 +98,10 @@ class DataConfig:
     n_batch: int = 8            # B: windows per batch
     n_win: int = 3200           # N: predicted samples per window (multiple of the hop)
     buffer_seconds: float = 120.0
-    fraction: float = 1.0       # share of a buffer's window starts drawn before refilling
+    # share of a buffer's window starts drawn before refilling. Windows start at every sample, so
+    # each sample is a target of N windows: drawing a fraction f covers it f * N times on average
+    # (paper: 0.001 * 3200 = 3.2 times) before the next chunk of audio is loaded.
+    fraction: float = 0.001
     valid_fraction: float = 0.1
 
 
@@ -216,8 +219,8 @@ def tiny() -> Config:
         n_global_embed=16, n_blocks=1, n_block_layers=8,
         n_res=32, n_dil=32, n_skp=64, n_post=64,
     )
-    cfg = Config(model=m, data=DataConfig(n_batch=8, n_win=1280, buffer_seconds=60.0),
-                 train=TrainConfig(lr=1e-3, lr_warmup_steps=50, lr_decay_steps=5000,
+    cfg = Config(model=m, data=DataConfig(n_batch=8, n_win=1280, buffer_seconds=60.0, fraction=0.002),
+                 train=TrainConfig(lr=1e-3, lr_warmup_steps=50, lr_decay_steps=5000, max_steps=2000,
                                    checkpoint_every=200, validate_every=200),
                  preset="tiny")
     cfg.validate()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .config import Config, preset
 from .data import DEMO_CORPUS
-from .data.corpus import Corpus, index_corpus
+from .data.corpus import Corpus, index_corpus, split_corpus
 from .data.slice_buffer import SliceBuffer, fixed_batches
 from .diagnostics import evaluate
 from .features import mfcc_features
@@ -53,24 +53,12 @@ class StopFlag:
 
 # --- run directory ---------------------------------------------------------------------------------
 
-def load_corpora(data: str | None, cfg: Config) -> tuple[Corpus, Corpus]:
-    """Training and validation corpora. A `split.tsv` (path, speaker, split) beside the corpus
-    decides the split (the demo corpus has one); otherwise a hash of the path does."""
+def load_corpora(data: str | None, cfg: Config) -> dict[str, Corpus]:
+    """{'train', 'valid', 'test'} corpora of `data` (default: the bundled demo corpus)."""
     from .rfield import plan
     source = Path(data) if data else DEMO_CORPUS
-    p = plan(cfg.model, cfg.data.n_win)
-    corpus = index_corpus(source, cfg.model.sample_rate, p.total_len)
-    split_file = (source if source.is_dir() else source.parent) / "split.tsv"
-    if split_file.is_file():
-        split = {}
-        for line in split_file.read_text().splitlines()[1:]:
-            path, _, which = line.split("\t")
-            split[str((split_file.parent / path).resolve())] = which
-        pick = lambda which: [u for u in corpus.utterances if split.get(str(Path(u.path).resolve())) == which]
-        train, valid = pick("train"), pick("valid")
-        if train:
-            return Corpus(train, corpus.speakers, corpus.rejected), Corpus(valid, corpus.speakers)
-    return corpus.split(cfg.data.valid_fraction, seed=0)
+    corpus = index_corpus(source, cfg.model.sample_rate, plan(cfg.model, cfg.data.n_win).total_len)
+    return split_corpus(corpus, source, cfg.data.valid_fraction)
 
 
 def feature_stats(corpus: Corpus, cfg: Config, max_files: int = 64):
@@ -174,7 +162,8 @@ def train(args) -> int:
     np.random.seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
 
-    train_set, valid_set = load_corpora(args.data, cfg)
+    splits = load_corpora(args.data, cfg)
+    train_set, valid_set = splits["train"], splits["valid"]
     speakers_path = run_dir / "speakers.json"
     if speakers_path.exists():
         speakers = json.loads(speakers_path.read_text())
@@ -252,8 +241,8 @@ def train(args) -> int:
                 loss, terms = _loss(ddp, model, batch, device)
             if not torch.isfinite(loss):
                 msg = (f"non-finite loss {loss.item()} at step {step + 1}; stopping. The last good "
-                       f"checkpoint is intact: lower train.lr or check the data around files "
-                       f"{batch.files}")
+                       f"checkpoint is intact: lower train.lr or check the data of this batch: "
+                       f"{sorted({train_set.utterances[i].path for i in batch.files})}")
                 log.close_message(msg)
                 print(f"error: {msg}", file=sys.stderr)
                 exit_code = 3
@@ -374,7 +363,8 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax[0].set(xlabel="step", ylabel="nats / sample", title="cross-entropy")
     ax[1].set(xlabel="step", ylabel="nats / sample", title="conditioning gain (shuffled - true)")
     for a in ax:
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
         a.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "loss.png"

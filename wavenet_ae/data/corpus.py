@@ -142,3 +142,23 @@ def load_audio(path: str, sample_rate: int) -> np.ndarray:
         import librosa
         wav = librosa.resample(wav, orig_sr=sr, target_sr=sample_rate).astype(np.float32)
     return wav
+
+
+def split_corpus(corpus: Corpus, source: str | Path, valid_fraction: float) -> dict[str, Corpus]:
+    """{'train', 'valid', 'test'} corpora. A `split.tsv` (path, speaker, split) beside the corpus
+    decides (the demo corpus has one); otherwise a hash of each path picks `valid` files."""
+    source = Path(source)
+    split_file = (source if source.is_dir() else source.parent) / "split.tsv"
+    if split_file.is_file():
+        which = {}
+        for line in split_file.read_text().splitlines()[1:]:
+            cols = line.split("\t")
+            if len(cols) >= 3:
+                which[str((split_file.parent / cols[0]).resolve())] = cols[2]
+        parts = {name: Corpus([u for u in corpus.utterances if which.get(str(Path(u.path).resolve())) == name],
+                              corpus.speakers) for name in ("train", "valid", "test")}
+        if parts["train"].utterances:
+            parts["train"].rejected = corpus.rejected
+            return parts
+    train, valid = corpus.split(valid_fraction, seed=0)
+    return {"train": train, "valid": valid, "test": valid}
