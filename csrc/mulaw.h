@@ -1,9 +1,11 @@
 // Mu-law companding: the scalar math shared by the CPU and CUDA kernels, and the argument checks.
 //
 // Both kernels evaluate exactly these functions in double precision, in the same operation order as
-// the PyTorch reference in wavenet_ae/ops.py (mu_law_encode_ref / mu_law_decode_ref), and the build
-// turns off FMA contraction (-ffp-contract=off, nvcc --fmad=false), so encoded classes match the
-// reference exactly.
+// the PyTorch reference in wavenet_ae/ops.py (mu_law_encode_ref / mu_law_decode_ref), with no
+// multiply-add fused into an FMA (one rounding instead of two), so encoded classes match the reference
+// exactly: on the device mul_rn/add_rn are CUDA's never-contracted _rn intrinsics; on the host the
+// including .cpp turns contraction off for its translation unit (csrc/cpu/mulaw.cpp). This is local on
+// purpose: other kernels keep the compilers' default FMA contraction.
 #pragma once
 
 #include <cmath>
@@ -23,6 +25,22 @@ namespace wavenet_ae {
 // Largest supported number of classes (16-bit mu-law). Keeps every class exactly representable.
 constexpr int64_t kMaxQuant = 65536;
 
+WAVENET_AE_HOST_DEVICE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+WAVENET_AE_HOST_DEVICE double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 // mu = n_quant - 1, log1p_mu = log1p(mu): computed once on the host.
 struct MuLawConsts {
   double mu;
@@ -39,9 +57,9 @@ inline MuLawConsts mu_law_consts(int64_t n_quant) {
 WAVENET_AE_HOST_DEVICE int64_t mu_law_encode_one(double x, MuLawConsts c) {
   if (x != x) x = 0.0;  // NaN
   x = x < -1.0 ? -1.0 : (x > 1.0 ? 1.0 : x);
-  const double mag = ::log1p(c.mu * ::fabs(x)) / c.log1p_mu;
+  const double mag = ::log1p(mul_rn(c.mu, ::fabs(x))) / c.log1p_mu;
   const double y = x < 0.0 ? -mag : mag;
-  const double q = ::floor((y + 1.0) / 2.0 * c.mu + 0.5);
+  const double q = ::floor(add_rn(mul_rn(add_rn(y, 1.0) / 2.0, c.mu), 0.5));
   return static_cast<int64_t>(q < 0.0 ? 0.0 : (q > c.mu ? c.mu : q));
 }
 
@@ -50,8 +68,8 @@ WAVENET_AE_HOST_DEVICE int64_t mu_law_encode_one(double x, MuLawConsts c) {
 WAVENET_AE_HOST_DEVICE float mu_law_decode_one(int64_t q, MuLawConsts c) {
   double qd = static_cast<double>(q);
   qd = qd < 0.0 ? 0.0 : (qd > c.mu ? c.mu : qd);
-  const double y = 2.0 * qd / c.mu - 1.0;
-  const double mag = (::pow(1.0 + c.mu, ::fabs(y)) - 1.0) / c.mu;
+  const double y = add_rn(mul_rn(2.0, qd) / c.mu, -1.0);
+  const double mag = add_rn(::pow(1.0 + c.mu, ::fabs(y)), -1.0) / c.mu;
   return static_cast<float>(y < 0.0 ? -mag : mag);
 }
 

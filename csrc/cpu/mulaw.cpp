@@ -5,6 +5,14 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+// No FMA contraction in this file (see mulaw.h): results must round like the PyTorch reference
+// even when the build adds -march flags that enable FMA instructions.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include "mulaw.h"
 
 namespace wavenet_ae {
