@@ -1,0 +1,117 @@
+"""Generation speed: engine x batch x preset.
+
+    python benchmarks/gen_speed.py [--presets tiny,paper] [--batches 1,16,64] [--engines python,cpp,cuda]
+                                   [--threads N] [--seconds 1.0] [--json]
+
+Measures `Generator.run` on free-running sampling (no teacher forcing): per-chunk conditioning
+(one batched matmul) + the engine's autoregressive loop; packing the weights (once per model) is not
+timed; each row is the best of --repeat timed runs (the machine may be shared). samples/s counts all B streams; "x real time" = samples/s / sample rate (16 kHz). Each row's
+ratio is to the `python` engine (the reference) measured in this run with the same preset, batch and
+threads. Batch 1 runs on one thread (the cpp engine splits the batch across threads, so one item uses
+one thread anyway); larger batches on all cores, unless --threads says otherwise. Decoders are
+randomly initialised (speed does not depend on the weights). The python engine runs fewer steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import environment, format_table, timeit  # noqa: E402
+
+from wavenet_ae import ops  # noqa: E402
+from wavenet_ae.config import preset  # noqa: E402
+from wavenet_ae.generate import Generator, available_engines  # noqa: E402
+from wavenet_ae.model.decoder import WaveNet  # noqa: E402
+
+
+def measure(gen: Generator, dec: WaveNet, B: int, seconds: float, max_steps: int, sample_rate: int,
+            repeat: int = 3) -> dict:
+    C, E = dec.layers[0].lc_proj.in_channels, dec.layers[0].gc_proj.in_features
+    dev = gen.device
+
+    def make(S):
+        g0 = torch.Generator().manual_seed(0)
+        return (torch.randn(B, C, S, generator=g0).to(dev), torch.randn(B, E, generator=g0).to(dev),
+                torch.zeros(B, dtype=torch.int64), torch.rand(B, S, generator=g0))
+
+    probe = make(32)
+    t_probe = timeit(lambda: gen.run(*probe[:3], u=probe[3]), repeat=1, warmup=1, device=dev)
+    steps = int(min(max_steps, max(64, seconds / max(t_probe / 32, 1e-9))))
+    args = make(steps)
+    dt = timeit(lambda: gen.run(*args[:3], u=args[3]), repeat=repeat, warmup=0, device=dev)
+    sps = B * steps / dt
+    return {"steps": steps, "seconds": dt, "samples_per_s": sps, "x_realtime": sps / sample_rate,
+            "ms_per_step": 1e3 * dt / steps}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", default="tiny,paper")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--engines", default=None, help="default: every available engine (python, cpp, cuda)")
+    ap.add_argument("--threads", type=int, default=None, help="threads for every row (default: 1 for batch 1, "
+                                                               "all cores otherwise)")
+    ap.add_argument("--seconds", type=float, default=0.7, help="target time per timed run (cpp/cuda)")
+    ap.add_argument("--python-seconds", type=float, default=0.5, help="target time per python timed run")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per row; the best is reported")
+    ap.add_argument("--cuda-dtypes", default="fp32,fp16,bf16")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    a = ap.parse_args(argv)
+
+    engines = a.engines.split(",") if a.engines else available_engines()
+    cores = os.cpu_count() or 1
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    env = environment()
+    env["cpp_path"] = ops.generate_cpu_path("auto") if ops.HAVE_GENERATE_KERNELS else None
+    rows = []
+    for pname in a.presets.split(","):
+        m = preset(pname).model
+        torch.manual_seed(0)
+        dec = WaveNet(m).eval()
+        geometry = (f"{len(m.dilations)} layers, res {m.n_res}, gate {2 * m.n_dil}, skip {m.n_skp}, "
+                    f"post {m.n_post}, quant {m.n_quant}")
+        for B in (int(b) for b in a.batches.split(",")):
+            threads = a.threads or (1 if B == 1 else cores)
+            torch.set_num_threads(threads)
+            ref = None
+            for engine in engines:
+                variants = [dtypes[d] for d in a.cuda_dtypes.split(",")] if engine == "cuda" else [torch.float32]
+                for wdt in variants:
+                    gen = Generator(dec, engine, weight_dtype=wdt)
+                    secs = a.python_seconds if engine == "python" else a.seconds
+                    r = measure(gen, dec, B, secs, 400 if engine == "python" else 20000, m.sample_rate, a.repeat)
+                    row = {"preset": pname, "engine": engine, "batch": B, "threads": threads,
+                           "path": gen.cpu_path if engine == "cpp" else ("gpu" if engine == "cuda" else "torch"),
+                           "weights": str(wdt).replace("torch.", ""), "geometry": geometry, **r}
+                    if engine == "python":
+                        ref = r["samples_per_s"]
+                    row["vs_python"] = r["samples_per_s"] / ref if ref else None
+                    rows.append(row)
+                    if not a.json:
+                        print(f"  {pname:5s} {engine:6s} B={B:<3d} {row['weights']:8s} {threads} thr: "
+                              f"{r['samples_per_s']:10.0f} samples/s", file=sys.stderr, flush=True)
+    if a.json:
+        print(json.dumps({"environment": env, "rows": rows}, indent=1))
+        return 0
+    print(f"CPU: {env['cpu']} ({env['cpu_cores']} cores, SIMD: {' '.join(env['cpu_simd']) or 'none'}); "
+          f"cpp engine path: {env['cpp_path']} (runtime dispatch); torch {env['torch']}; GPU: {env['gpu'] or 'none'}")
+    for pname in a.presets.split(","):
+        sel = [r for r in rows if r["preset"] == pname]
+        print(f"\npreset {pname}: {sel[0]['geometry']}; float32 conditioning/activations")
+        print(format_table(sel, [("engine", "engine"), ("path", "path"), ("weights", "weights"),
+                                 ("batch", "batch"), ("threads", "threads"), ("steps", "steps"),
+                                 ("samples_per_s", "samples/s"), ("x_realtime", "x real time (16 kHz)"),
+                                 ("ms_per_step", "ms/step"), ("vs_python", "vs python")]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
