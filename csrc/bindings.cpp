@@ -23,6 +23,28 @@ TORCH_LIBRARY(wavenet_ae, m) {
         "-> (Tensor, Tensor)");
   // The CPU code path wavenet_generate runs for `request` ('auto' resolves by cpuid); `like`: any CPU tensor.
   m.def("wavenet_generate_cpu_path(Tensor like, str request) -> str");
+  // A chunk's per-layer conditioning for wavenet_generate: out (B, S, W) = bias[b] + lc[b, s] @ proj with
+  // lc (B, S, C), proj (C, W), bias (B, W), float32 contiguous; out is written in place (reused by the
+  // caller across chunks). CPU only (the CUDA engine uses torch.baddbmm).
+  m.def("wavenet_cond(Tensor lc, Tensor proj, Tensor bias, Tensor(a!) out) -> ()");
+  // Fused gated dilated causal residual layer (csrc/residual.h has the math; the reference is
+  // wavenet_ae/ops.py:residual_layer_ref). x (B, n_res, L), lc (B, n_lc, >= n), g (B, n_global);
+  // weights as the layer's modules hold them: w_dil (2 n_dil, n_res, K), w_lc (2 n_dil, n_lc, 1),
+  // w_gc (2 n_dil, n_global), w_res (n_res, n_dil, 1) or None (last layer), w_skip (n_skp, n_dil, 1).
+  // n = L - (K - 1) dilation. Returns x_out (B, n_res, n) (empty without w_res), skip (B, n_skp, n_out)
+  // and `saved` (B, 2 n_dil, n or n_out), the state the backward needs.
+  m.def("residual_layer_fwd(Tensor x, Tensor lc, Tensor g, Tensor w_dil, Tensor? b_dil, Tensor w_lc, "
+        "Tensor w_gc, Tensor? w_res, Tensor? b_res, Tensor w_skip, Tensor? b_skip, int dilation, int n_out) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Gradients of residual_layer_fwd: (x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip);
+  // absent biases/weights and input gradients not asked for (need_*) come back empty.
+  m.def("residual_layer_bwd(Tensor? grad_x_out, Tensor grad_skip, Tensor x, Tensor lc, Tensor g, "
+        "Tensor saved, Tensor w_dil, Tensor? b_dil, Tensor w_lc, Tensor w_gc, Tensor? w_res, Tensor? b_res, "
+        "Tensor w_skip, Tensor? b_skip, int dilation, int n_out, bool need_x, bool need_lc, bool need_g) "
+        "-> Tensor[]");
+  // How the CPU residual-layer kernel runs in this build ('elementwise=avx2|generic threads=N ...');
+  // `like`: any CPU tensor.
+  m.def("residual_layer_cpu_info(Tensor like) -> str");
 }
 
 namespace {

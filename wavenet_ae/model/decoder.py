@@ -11,6 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..config import ModelConfig
 
 
@@ -63,12 +64,13 @@ class ResidualLayer(nn.Module):
     def forward(self, x, lc, g, n_out: int):
         """x (B, n_res, L), lc (B, n_lc_out, >= L'), g (B, n_global_embed) -> x' (B, n_res, L'),
         skip (B, n_skp, n_out) for the last n_out positions; L' = L - (n_kern - 1) * dilation."""
-        h = self.dil_conv(x)
-        n = h.shape[-1]
-        h = h + self.lc_proj(lc[..., -n:]) + self.gc_proj(g)[..., None]
-        gate = torch.tanh(h[:, : self.n_dil]) * torch.sigmoid(h[:, self.n_dil:])
-        x = None if self.res is None else x[..., -n:] + self.res(gate)
-        return x, self.skip(gate[..., -n_out:])
+        # ops.residual_layer_ref is this math in plain PyTorch; the fused kernel runs where available
+        # (ops.USE_FUSED_RESIDUAL = False forces the reference).
+        res = self.res
+        return ops.residual_layer(x, lc, g, self.dil_conv.weight, self.dil_conv.bias, self.lc_proj.weight,
+                                  self.gc_proj.weight, None if res is None else res.weight,
+                                  None if res is None else res.bias, self.skip.weight, self.skip.bias,
+                                  self.dilation, n_out)
 
 
 class WaveNet(nn.Module):

@@ -1,0 +1,191 @@
+// Fused WaveNet residual layer, CUDA backward (csrc/residual.h has the math; residual_fwd.cu the forward).
+//   G_out = [g_xout; g_skip]                      (B, n_o, nc), zeros where a column feeds no output
+//   g_z   = [W_res; W_skip]^T G_out               one batched GEMM, float32
+//   z, g_h from h (recomputed tanh/sigmoid)        one elementwise kernel
+//   weight gradients: [W_res; W_skip] <- G_out z^T, W_in <- g_h X^T (batched GEMMs summed over the
+//   batch in float32), biases and W_gc from row sums of G_out and g_h
+//   P = W_in^T g_h                                 one batched GEMM, float32
+//   g_x = g_xout (shifted) + sum_k P_k (shifted), g_lc = P_lc (right-aligned)   one kernel each
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/residual_cuda.h"
+
+namespace wavenet_ae {
+namespace {
+
+using residual::Geom;
+using Opt = std::optional<at::Tensor>;
+
+__device__ __forceinline__ float sigmoidf(float v) { return 1.f / (1.f + expf(-v)); }
+
+template <typename T>
+struct GateBwdParams {
+  const T* __restrict__ h;        // (B, 2nd, nc) pre-activation without c
+  const float* __restrict__ cb;   // (B, 2nd)
+  const float* __restrict__ gz;   // (B, nd, nc)
+  T* __restrict__ z;              // (B, nd, nc)
+  T* __restrict__ gh;             // (B, 2nd, nc)
+  int64_t nd, nc, total;          // total = B nd nc
+};
+
+template <typename T>
+__global__ void gate_bwd_kernel(GateBwdParams<T> p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.total; i += stride) {
+    const int64_t t = i % p.nc, bc = i / p.nc, c = bc % p.nd, b = bc / p.nd;
+    const int64_t ia = (b * 2 * p.nd + c) * p.nc + t, ib = ia + p.nd * p.nc;
+    const float* cbb = p.cb + b * 2 * p.nd;
+    const float a = tanhf(static_cast<float>(p.h[ia]) + cbb[c]);
+    const float s = sigmoidf(static_cast<float>(p.h[ib]) + cbb[p.nd + c]);
+    const float gs = p.gz[i] * s;
+    p.z[i] = static_cast<T>(a * s);
+    p.gh[ia] = static_cast<T>(gs * (1.f - a * a));
+    p.gh[ib] = static_cast<T>(gs * a * (1.f - s));
+  }
+}
+
+template <typename T>
+struct InputGradParams {
+  const float* __restrict__ P;    // (B, p_rows, nc): rows [x taps (K nr) if need_x][lc (nlc) if need_lc]
+  const T* __restrict__ gxo;      // (B, nr, n) contiguous, or null
+  T* __restrict__ gx;             // (B, nr, L) or null
+  T* __restrict__ glc;            // (B, nlc, Llc) or null
+  int64_t p_rows, lc_row;         // lc_row: first lc row of P
+  int64_t nr, nlc, K, d, L, Llc, n, nc, c0, lc_off, B;
+};
+
+// g_x[b, r, u] = g_xout[b, r, u - (K-1) d] + sum_k P[b, k nr + r, u - k d - c0];  then
+// g_lc[b, r, u] = P[b, lc_row + r, u - lc_off]   (terms outside their range are 0).
+template <typename T>
+__global__ void input_grad_kernel(InputGradParams<T> p) {
+  const int64_t n_x = p.gx ? p.B * p.nr * p.L : 0;
+  const int64_t total = n_x + (p.glc ? p.B * p.nlc * p.Llc : 0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    if (i < n_x) {
+      const int64_t u = i % p.L, br = i / p.L, r = br % p.nr, b = br / p.nr;
+      float v = 0.f;
+      const int64_t tr = u - (p.K - 1) * p.d;
+      if (p.gxo && tr >= 0) v += static_cast<float>(p.gxo[(b * p.nr + r) * p.n + tr]);
+      for (int64_t k = 0; k < p.K; ++k) {
+        const int64_t t = u - k * p.d - p.c0;
+        if (t >= 0 && t < p.nc) v += p.P[(b * p.p_rows + k * p.nr + r) * p.nc + t];
+      }
+      p.gx[i] = static_cast<T>(v);
+    } else {
+      const int64_t j = i - n_x;
+      const int64_t u = j % p.Llc, br = j / p.Llc, r = br % p.nlc, b = br / p.nlc;
+      const int64_t t = u - p.lc_off;
+      p.glc[j] = static_cast<T>(t >= 0 ? p.P[(b * p.p_rows + p.lc_row + r) * p.nc + t] : 0.f);
+    }
+  }
+}
+
+std::vector<at::Tensor> residual_layer_bwd_cuda(
+    const Opt& grad_x_out, const at::Tensor& grad_skip, const at::Tensor& x_, const at::Tensor& lc_,
+    const at::Tensor& g, const at::Tensor& saved, const at::Tensor& w_dil, const Opt& b_dil, const at::Tensor& w_lc,
+    const at::Tensor& w_gc, const Opt& w_res, const Opt& b_res, const at::Tensor& w_skip, const Opt& b_skip,
+    int64_t dilation, int64_t n_out, bool need_x, bool need_lc, bool need_g) {
+  constexpr const char* op = residual::kBwdOp;
+  residual::check_cuda(x_, op);
+  const Geom G = residual::check_args(op, x_, lc_, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip,
+                                      dilation, n_out);
+  const bool have_gxo = residual::check_grads(op, G, saved, grad_x_out, grad_skip, x_);
+  const c10::cuda::CUDAGuard device_guard(x_.device());
+  const at::Tensor x = residual::rows_contiguous(x_);
+  const at::Tensor lc = residual::rows_contiguous(lc_);
+  const at::Tensor h = saved.contiguous();
+  const at::TensorOptions o = x.options();
+  const at::ScalarType dt = x.scalar_type();
+  const int64_t nd2 = 2 * G.nd, Knr = G.K * G.nr, n_res_rows = G.has_res ? G.nr : 0, n_o = n_res_rows + G.ns;
+  const int64_t p_lo = need_x ? 0 : Knr, p_hi = need_lc ? G.kc() : Knr, p_rows = std::max<int64_t>(0, p_hi - p_lo);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const at::Tensor Win = residual::input_matrix(w_dil, w_lc);          // (2nd, Kc)
+  const at::Tensor Wout = residual::output_matrix(G, w_res, w_skip);   // (n_o, nd)
+  const at::Tensor cb = residual::gate_bias32(g, w_gc, b_dil);         // (B, 2nd) f32
+
+  // G_out = [g_xout; g_skip] over the computed columns
+  at::Tensor Go = at::empty({G.B, n_o, G.nc}, o);
+  if (G.has_res) {
+    if (have_gxo) Go.narrow(1, 0, G.nr).copy_(*grad_x_out);
+    else Go.narrow(1, 0, G.nr).zero_();
+  }
+  if (G.cs > 0) Go.narrow(1, n_res_rows, G.ns).narrow(2, 0, G.cs).zero_();
+  Go.narrow(1, n_res_rows, G.ns).narrow(2, G.cs, G.n_out).copy_(grad_skip);
+
+  const at::Tensor gz = residual::bmm32(residual::batched(Wout.t(), G.B), Go);  // (B, nd, nc) f32
+  at::Tensor z = at::empty({G.B, G.nd, G.nc}, o);
+  at::Tensor gh = at::empty({G.B, nd2, G.nc}, o);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "residual_layer_bwd_cuda_gate", [&] {
+    using T = scalar_t;
+    GateBwdParams<T> p{h.const_data_ptr<T>(), cb.const_data_ptr<float>(), gz.const_data_ptr<float>(),
+                       z.data_ptr<T>(), gh.data_ptr<T>(), G.nd, G.nc, G.B * G.nd * G.nc};
+    gate_bwd_kernel<T><<<residual::num_blocks(p.total), residual::kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // weight and bias gradients (float32, cast to the weights' dtype at the end)
+  const at::Tensor ghsum = at::sum(gh, {2}, false, at::kFloat);                          // (B, 2nd)
+  const at::Tensor gWo = residual::bmm32(Go, z.transpose(1, 2)).sum(0);                   // (n_o, nd)
+  const at::Tensor gbo = at::sum(Go, {0, 2}, false, at::kFloat);                          // (n_o)
+  const at::Tensor gWin = residual::bmm32(gh, residual::gather_input(G, x, lc).transpose(1, 2)).sum(0);  // (2nd, Kc)
+  at::Tensor g_w_dil = gWin.narrow(1, 0, Knr).reshape({nd2, G.K, G.nr}).permute({0, 2, 1}).to(dt).contiguous();
+  at::Tensor g_w_lc = gWin.narrow(1, Knr, G.nlc).to(dt).contiguous().view({nd2, G.nlc, 1});
+  at::Tensor g_w_gc = at::mm(ghsum.t(), g.to(at::kFloat)).to(dt);
+  at::Tensor g_b_dil = residual::present(b_dil) ? ghsum.sum(0).to(dt) : at::empty({0}, o);
+  at::Tensor g_g = need_g ? at::mm(ghsum, w_gc.to(at::kFloat)).to(dt) : at::empty({0}, o);
+  at::Tensor g_w_res = G.has_res ? gWo.narrow(0, 0, G.nr).to(dt).contiguous().view({G.nr, G.nd, 1}) : at::empty({0}, o);
+  at::Tensor g_b_res = residual::present(b_res) ? gbo.narrow(0, 0, G.nr).to(dt).contiguous() : at::empty({0}, o);
+  at::Tensor g_w_skip = gWo.narrow(0, n_res_rows, G.ns).to(dt).contiguous().view({G.ns, G.nd, 1});
+  at::Tensor g_b_skip = residual::present(b_skip) ? gbo.narrow(0, n_res_rows, G.ns).to(dt).contiguous() : at::empty({0}, o);
+
+  // input gradients
+  at::Tensor g_x = need_x ? at::empty({G.B, G.nr, G.L}, o) : at::empty({0}, o);
+  at::Tensor g_lc = need_lc ? at::empty({G.B, G.nlc, G.Llc}, o) : at::empty({0}, o);
+  if (p_rows > 0) {
+    const at::Tensor WinT = residual::batched(Win.narrow(1, p_lo, p_rows).t(), G.B);  // (B, p_rows, 2nd)
+    const at::Tensor P = residual::bmm32(WinT, gh);                                   // (B, p_rows, nc) f32
+    const at::Tensor gxo = have_gxo ? grad_x_out->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "residual_layer_bwd_cuda_inputs", [&] {
+      using T = scalar_t;
+      InputGradParams<T> p{};
+      p.P = P.const_data_ptr<float>();
+      p.gxo = have_gxo ? gxo.const_data_ptr<T>() : nullptr;
+      p.gx = need_x ? g_x.data_ptr<T>() : nullptr;
+      p.glc = need_lc ? g_lc.data_ptr<T>() : nullptr;
+      p.p_rows = p_rows;
+      p.lc_row = Knr - p_lo;
+      p.nr = G.nr;
+      p.nlc = G.nlc;
+      p.K = G.K;
+      p.d = G.d;
+      p.L = G.L;
+      p.Llc = G.Llc;
+      p.n = G.n;
+      p.nc = G.nc;
+      p.c0 = G.c0;
+      p.lc_off = G.lc_off;
+      p.B = G.B;
+      const int64_t total = (need_x ? G.B * G.nr * G.L : 0) + (need_lc ? G.B * G.nlc * G.Llc : 0);
+      input_grad_kernel<T><<<residual::num_blocks(total), residual::kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {g_x, g_lc, g_g, g_w_dil, g_b_dil, g_w_lc, g_w_gc, g_w_res, g_b_res, g_w_skip, g_b_skip};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(wavenet_ae, CUDA, m) { m.impl("residual_layer_bwd", &residual_layer_bwd_cuda); }
+
+}  // namespace wavenet_ae
