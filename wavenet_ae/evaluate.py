@@ -1,0 +1,302 @@
+"""Evaluate a trained run: `python -m wavenet_ae.evaluate --run-dir DIR [--data PATH]`.
+
+Writes `DIR/report/`: report.json, report.md and pictures. On held-out files:
+- reconstruction: cross-entropy (nats/sample), conditioning gain, bottleneck bits per second;
+- linear probes (frame accuracy) for phones (needs `<utt>.phones.tsv` alignments, as the bundled
+  corpus has) and speakers, on the latents vs on the 39-dim MFCC frames;
+- resynthesis: mel-cepstral distortion (dB, DTW-aligned) of resynthesised vs input audio, and for
+  voice conversion the MFCC speaker probe's verdict on the converted audio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.corpus import load_audio
+from .data.slice_buffer import fixed_batches
+from .diagnostics import codebook_stats, evaluate as held_out_loss
+from .encode import encode_signal
+from .features import mfcc_features
+from .rfield import plan
+from .run_dir import load_run
+from .train import load_corpora
+
+
+@dataclass
+class Frames:
+    """Frame-level features with their times (s) and labels, for one utterance."""
+    x: np.ndarray            # (n, d)
+    t: np.ndarray            # (n,) centre times in seconds
+    speaker: str
+    phones: list | None      # label per frame (None where outside the alignment)
+
+
+def read_alignment(audio_path: str) -> list[tuple[float, float, str]] | None:
+    p = Path(audio_path)
+    tsv = p.with_name(p.stem + ".phones.tsv")
+    if not tsv.is_file():
+        return None
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line.strip()]
+    return [(float(a), float(b), c) for a, b, c in rows]
+
+
+def label_at(alignment, times: np.ndarray) -> list:
+    starts = np.array([a for a, _, _ in alignment])
+    idx = np.searchsorted(starts, times, side="right") - 1
+    return [alignment[i][2] if 0 <= i and times[k] < alignment[i][1] else None
+            for k, i in enumerate(idx)]
+
+
+def utterance_frames(model, path: str, speaker: str) -> tuple[Frames, Frames, np.ndarray | None]:
+    """(latent frames, MFCC frames, VQ codes) of one file."""
+    m = model.cfg
+    wav = load_audio(path, m.sample_rate)
+    z, codes = encode_signal(model, wav)
+    tz = (np.arange(len(z)) + 0.5) * m.hop / m.sample_rate
+    mf = mfcc_features(wav, m).T
+    span = m.mfcc_win + (m.delta_width - 1) * m.mfcc_hop
+    tm = (np.arange(len(mf)) * m.mfcc_hop + span / 2) / m.sample_rate
+    ali = read_alignment(path)
+    return (Frames(z, tz, speaker, label_at(ali, tz) if ali else None),
+            Frames(mf, tm, speaker, label_at(ali, tm) if ali else None), codes)
+
+
+def linear_probe(train: list[Frames], test: list[Frames], target: str) -> float | None:
+    """Frame accuracy of a multinomial logistic regression trained on `train`, tested on `test`."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def stack(frames):
+        xs, ys = [], []
+        for f in frames:
+            labels = f.phones if target == "phone" else [f.speaker] * len(f.x)
+            if labels is None:
+                continue
+            keep = [i for i, y in enumerate(labels) if y is not None]
+            xs.append(f.x[keep])
+            ys += [labels[i] for i in keep]
+        return (np.concatenate(xs), np.array(ys)) if xs else (None, None)
+
+    xtr, ytr = stack(train)
+    xte, yte = stack(test)
+    if xtr is None or xte is None or len(set(ytr)) < 2:
+        return None
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit(xtr, ytr)
+    return float((clf.predict(xte) == yte).mean())
+
+
+def speaker_classifier(frames: list[Frames]):
+    """MFCC frame-level speaker classifier (the probe used to judge voice conversion)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    x = np.concatenate([f.x for f in frames])
+    y = np.concatenate([[f.speaker] * len(f.x) for f in frames])
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit(x, y)
+    return clf
+
+
+def mel_cepstral_distortion(ref: np.ndarray, gen: np.ndarray, sr: int, n_mcep: int = 24) -> float:
+    """MCD in dB over DTW-aligned frames, cepstra 1..n_mcep (c0, the energy, excluded).
+    librosa's cepstra are of 10 log10(power) = (20 / ln 10) ln(amplitude); MCD is defined on
+    cepstra of ln(amplitude), hence the rescaling."""
+    import librosa
+    kw = dict(sr=sr, n_mfcc=n_mcep + 1, n_fft=1024, hop_length=256, n_mels=40)
+    a = librosa.feature.mfcc(y=ref, **kw)[1:]
+    b = librosa.feature.mfcc(y=gen, **kw)[1:]
+    _, path = librosa.sequence.dtw(X=a, Y=b, metric="euclidean")
+    d = (a[:, path[:, 0]] - b[:, path[:, 1]]) * (math.log(10) / 20.0)
+    return float((10.0 / math.log(10)) * np.mean(np.sqrt(2.0 * (d ** 2).sum(0))))
+
+
+def run_evaluation(run_dir: str, data: str | None = None, n_resynth: int = 2, seconds: float = 2.0,
+                   engine: str = "auto", max_train_files: int = 48) -> dict:
+    from .generate import resynthesize
+    run = load_run(run_dir)
+    model, cfg = run.model, run.config
+    out_dir = Path(run_dir) / "report"
+    out_dir.mkdir(exist_ok=True)
+    splits = load_corpora(data, run.config)
+    train, test = splits["train"], splits["test"]
+    if not test.utterances:
+        raise SystemExit("error: no held-out files to evaluate on")
+    step = max(1, len(train.utterances) // max_train_files)
+    train_files = train.utterances[::step]
+    report: dict = {"run_dir": str(run_dir), "step": run.step, "bottleneck": cfg.model.bottleneck,
+                    "n_probe_train_files": len(train_files), "n_held_out_files": len(test.utterances)}
+
+    # reconstruction
+    p = model.plan(cfg.data.n_win)
+    batches = fixed_batches(test, cfg.model, p, cfg.data.n_batch, 16)
+    loss = held_out_loss(model, batches)
+    report["reconstruction"] = {k: v for k, v in loss.items() if not isinstance(v, list)}
+
+    # probes
+    feats = {"train": [utterance_frames(model, u.path, u.speaker) for u in train_files],
+             "test": [utterance_frames(model, u.path, u.speaker) for u in test.utterances]}
+    latent_rate = cfg.model.sample_rate / cfg.model.hop
+    if cfg.model.bottleneck == "vqvae":
+        codes = torch.from_numpy(np.concatenate([c for _, _, c in feats["test"]]))
+        cb = codebook_stats(codes, cfg.model.n_codes)
+        report["reconstruction"].update(perplexity=cb["perplexity"], codes_used=cb["codes_used"])
+        report["bottleneck_bits_per_s"] = cb["bits_per_code"] * latent_rate
+        plot_codebook_usage(codes.numpy(), cfg.model.n_codes, out_dir / "codebook_usage.png")
+    elif cfg.model.bottleneck == "vae":
+        # KL to the prior bounds the information a latent frame carries
+        report["bottleneck_bits_per_s"] = sum(loss["kl_per_dim"]) / math.log(2) * latent_rate
+    else:
+        report["bottleneck_bits_per_s"] = None      # continuous latents: unbounded
+    probes = {}
+    for target in ("phone", "speaker"):
+        for name, k in (("latents", 0), ("mfcc", 1)):
+            probes[f"{target}_{name}"] = linear_probe([f[k] for f in feats["train"]],
+                                                      [f[k] for f in feats["test"]], target)
+    report["probe_accuracy"] = probes
+
+    # resynthesis and voice conversion
+    spk_clf = speaker_classifier([f[1] for f in feats["train"]])
+    sr = cfg.model.sample_rate
+    resynth = []
+    for i, utt in enumerate(test.utterances[:n_resynth]):
+        wav = load_audio(utt.path, sr)[: int(seconds * sr)]
+        src = run.speaker_id(utt.speaker)
+        tgt_name = run.speakers[(src + 1 + i) % len(run.speakers)]
+        rec = resynthesize(model, wav, src, engine=engine, seed=i)
+        conv = resynthesize(model, wav, run.speaker_id(tgt_name), engine=engine, seed=i)
+        pred = spk_clf.predict(mfcc_features(conv, cfg.model).T)
+        entry = {"file": utt.path, "speaker": utt.speaker, "target_speaker": tgt_name,
+                 "mcd_db": mel_cepstral_distortion(wav, rec, sr),
+                 "mcd_conversion_db": mel_cepstral_distortion(wav, conv, sr),
+                 "conversion_frames_judged_target": float(np.mean(pred == tgt_name)),
+                 "conversion_frames_judged_source": float(np.mean(pred == utt.speaker))}
+        resynth.append(entry)
+        import soundfile as sf
+        sf.write(out_dir / f"sample{i}_input.wav", wav, sr)
+        sf.write(out_dir / f"sample{i}_resynth.wav", rec, sr)
+        sf.write(out_dir / f"sample{i}_to_{tgt_name}.wav", conv, sr)
+        plot_spectrograms([("input", wav), ("resynthesis", rec), (f"converted to {tgt_name}", conv)], sr,
+                          out_dir / f"sample{i}_spectrograms.png")
+    report["resynthesis"] = resynth
+    if resynth:
+        report["mcd_db_mean"] = float(np.mean([r["mcd_db"] for r in resynth]))
+
+    from .train import plot_losses
+    if (Path(run_dir) / "log.jsonl").exists():
+        src = plot_losses(Path(run_dir))
+        if src:
+            (out_dir / "loss.png").write_bytes(src.read_bytes())
+    plot_receptive_field(cfg, out_dir / "receptive_field.png")
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(markdown(report))
+    return report
+
+
+def markdown(r: dict) -> str:
+    fmt = lambda v: "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    rec = r["reconstruction"]
+    lines = [f"# Evaluation of {r['run_dir']} (step {r['step']}, {r['bottleneck']})", "",
+             f"Held-out files: {r['n_held_out_files']}; probe training files: {r['n_probe_train_files']}.", "",
+             "## Reconstruction", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {fmt(v)} |" for k, v in rec.items()]
+    lines += [f"| bottleneck bits/s | {fmt(r['bottleneck_bits_per_s'])} |", "",
+              "## Linear probes (frame accuracy on held-out files)", "",
+              "| probe | latents | MFCC |", "|---|---|---|"]
+    pa = r["probe_accuracy"]
+    for t in ("phone", "speaker"):
+        lines.append(f"| {t} | {fmt(pa[f'{t}_latents'])} | {fmt(pa[f'{t}_mfcc'])} |")
+    lines += ["", "Phones: higher is better. Speaker: lower on latents = speaker information moved to the "
+              "speaker embedding.", "", "## Resynthesis and voice conversion", "",
+              "| file | MCD resynthesis (dB) | converted to | frames judged target | judged source |",
+              "|---|---|---|---|---|"]
+    for e in r["resynthesis"]:
+        lines.append(f"| {Path(e['file']).name} | {e['mcd_db']:.2f} | {e['target_speaker']} | "
+                     f"{e['conversion_frames_judged_target']:.2f} | {e['conversion_frames_judged_source']:.2f} |")
+    lines += ["", "Pictures: loss.png, receptive_field.png, sample*_spectrograms.png"
+              + (", codebook_usage.png" if r["bottleneck"] == "vqvae" else ""), ""]
+    return "\n".join(lines)
+
+
+# --- pictures --------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_spectrograms(items, sr: int, out: Path) -> None:
+    import librosa
+    import librosa.display
+    plt = _plt()
+    fig, ax = plt.subplots(len(items), 1, figsize=(9, 2.4 * len(items)), sharex=True)
+    for a, (title, wav) in zip(np.atleast_1d(ax), items):
+        S = librosa.amplitude_to_db(np.abs(librosa.stft(wav, n_fft=512, hop_length=128)), ref=np.max)
+        librosa.display.specshow(S, sr=sr, hop_length=128, x_axis="time", y_axis="hz", ax=a)
+        a.set(title=title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_codebook_usage(codes: np.ndarray, n_codes: int, out: Path) -> None:
+    plt = _plt()
+    counts = np.bincount(codes, minlength=n_codes)
+    fig, ax = plt.subplots(figsize=(9, 3))
+    ax.bar(np.arange(n_codes), np.sort(counts)[::-1], width=1.0)
+    ax.set(xlabel="code (sorted by use)", ylabel="frames", title=f"codebook usage: {int((counts > 0).sum())}"
+           f" of {n_codes} codes used on held-out files")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_receptive_field(cfg, out: Path) -> None:
+    """The joint training window: decoder window, encoder window, predicted samples, in samples."""
+    plt = _plt()
+    p = plan(cfg.model, cfg.data.n_win)
+    bars = [("encoder window (MFCC -> latents)", -p.enc_offset, p.enc_len, "tab:blue"),
+            ("decoder window (past samples)", -p.dec_context, p.dec_context, "tab:orange"),
+            ("predicted samples (N)", 0, p.n_win, "tab:green")]
+    fig, ax = plt.subplots(figsize=(9, 2.6))
+    for i, (name, start, length, color) in enumerate(bars):
+        ax.barh(i, length, left=start, color=color)
+        ax.text(start, i + 0.42, f"{name}: [{start}, {start + length})", fontsize=8)
+    ax.set_yticks([])
+    ax.set(xlabel="samples relative to the first predicted sample",
+           title=f"one training window ({p.total_len} samples = {p.total_len / cfg.model.sample_rate:.3f} s)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m wavenet_ae.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--data", help="corpus (default: the bundled demo corpus)")
+    ap.add_argument("--n-resynth", type=int, default=2, help="held-out files to resynthesise / convert")
+    ap.add_argument("--seconds", type=float, default=2.0, help="seconds of each file to resynthesise")
+    ap.add_argument("--engine", default="auto", choices=["auto", "python", "cpp", "cuda"])
+    a = ap.parse_args(argv)
+    report = run_evaluation(a.run_dir, a.data, a.n_resynth, a.seconds, a.engine)
+    print(markdown(report))
+    print(f"report written to {Path(a.run_dir) / 'report'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
