@@ -1,25 +1,20 @@
 // Fused WaveNet residual layer, CPU kernels (forward and backward). Math and layout: csrc/residual.h.
 //
 // The time axis of every batch item is cut into tiles of kTile columns; at::parallel_for hands each
-// thread a contiguous run of (item, tile) pairs. Per tile, with X = [x(t); x(t + d); ...; lc(t)] the
-// concatenated input gathered into a tile buffer (K n_res + n_lc rows):
-//   forward   h = W_in X                          one GEMM (dilated conv + conditioning projection),
-//                                                 written straight into `saved`
-//             one pass: h += b_dil + W_gc g;  a, s = tanh, sigmoid (kept in `saved`);  z = a s
-//                       (z is a tile buffer, never materialised for the whole sequence)
-//             O = [W_res; W_skip] z               one GEMM into a tile buffer
-//             one pass: x_out = x (current tap) + b_res + O_res;  skip = b_skip + O_skip
-//   backward  G_out = [g_xout; g_skip] (tile buffer);  g_z = W_out^T G_out      one GEMM
-//             one pass: z = a s;  g_h = g_z (s (1 - a^2) | a s (1 - s));  row sums of g_h
-//             [W_out | b_out] += G_out [z; 1]^T,  W_in += g_h X^T   two GEMMs into per-thread
-//             accumulators (reduced at the end in a fixed order: results do not depend on scheduling)
-//             P = W_in^T g_h                      one GEMM (all taps and lc), written per tile
-//   then one pass over the rows of g_x / g_lc sums the shifted taps of P and the residual
-//   pass-through (taps overlap across tiles, hence the second pass).
-// The backward reads the saved tanh/sigmoid values instead of recomputing them from h: no exp in the
-// backward, and the same memory as saving h. Matrix products are ATen GEMMs (at::mm_out / addmm_,
-// MKL, single-threaded inside the parallel region); the elementwise passes are AVX2+FMA intrinsics for
-// float when the CPU has them (cpuid), portable loops otherwise (and for double, used by gradcheck).
+// thread a contiguous run of (item, tile) pairs. Per tile everything stays in cache:
+//   forward   h = sum_k W_k x_k + W_lc lc       (K + 1 accumulating GEMMs, written into `saved`)
+//             one pass: h += b_dil + W_gc g;  a = tanh, s = sigmoid (kept in `saved` for backward);
+//                       z = a s (a tile-local buffer: never materialised for the whole sequence)
+//             x_out = x + b_res + W_res z;  skip = b_skip + W_skip z      (GEMMs from the buffer)
+//   backward  g_z = W_res^T g_xout + W_skip^T g_skip                       (GEMMs, tile buffer)
+//             one pass: z = a s;  g_h = g_z (s (1 - a^2) | a s (1 - s)); row sums of g_h
+//             weight gradients accumulate per thread (GEMMs over the tile; reduced at the end in a
+//             fixed order, so results do not depend on scheduling); P = [W_k]^T g_h (all taps in
+//             one GEMM) and g_lc = W_lc^T g_h are written per tile; a second pass sums the shifted
+//             taps of P and the residual pass-through into g_x (taps overlap across tiles).
+// Matrix products are ATen GEMMs (at::mm_out / addmm_, single-threaded inside the parallel region);
+// the elementwise passes are AVX2+FMA intrinsics for float when the CPU has them (cpuid), portable
+// loops otherwise (and for double, which the gradcheck tests use).
 #include <algorithm>
 #include <cmath>
 #include <optional>
