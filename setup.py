@@ -83,14 +83,15 @@ def _extensions_and_cmdclass():
         why = f"nvcc={'found' if have_nvcc else 'missing'} (CUDA_HOME={CUDA_HOME}), torch.version.cuda={torch.version.cuda}"
 
     # Plain -O3, no -march: the wheel must run on any x86-64 (kernels that want AVX2 select it at run
-    # time with target attributes and cpuid).
-    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function"]
+    # time with target attributes and cpuid). -fopenmp: at::parallel_for is inlined into our code and
+    # runs serially without it; the libgomp.so.1 torch ships (same soname) is the one loaded at run time.
+    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     # Find libc10/libtorch even when wavenet_ae._C is imported before torch: next to an installed
     # torch in the same site-packages, or the torch this was built against (editable installs).
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    link_args = ["-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
+    link_args = ["-fopenmp", "-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
 
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -1,21 +1,22 @@
 """Training speed and peak memory: fused residual layers vs the PyTorch reference, per device and preset.
 
     python benchmarks/train_speed.py [--configs cpu:tiny,cpu:paper,cuda:paper:bf16] [--steps N]
-                                     [--rounds R] [--json]
+                                     [--warmup W] [--threads T] [--json]
 
 A config is device:preset[:dtype][:batch] (dtype float32 or bf16 = CUDA autocast as in training; batch
 defaults to the preset's on CUDA and on CPU for `tiny`, 1 for `paper` on CPU). Default: cpu:tiny,
 cpu:paper and, when a GPU is visible, cuda:paper:bf16 and cuda:tiny.
 
 One training step as in `wavenet_ae.train`: forward + cross-entropy (+ bottleneck terms), backward,
-gradient clipping, Adam update, on fixed random batches (speed does not depend on the data). Each
-(config, mode) runs in a fresh subprocess, so peak memory belongs to that run alone:
-  CPU   peak RSS of the process (getrusage ru_maxrss) and its growth over the RSS measured just before
-        the first step (model, optimizer and batches already allocated): "train MB";
-  CUDA  torch.cuda.max_memory_allocated over the timed steps.
-The modes alternate over --rounds rounds (reference first in odd rounds, fused first in even ones); a
-mode's time is the best of its rounds' median step times (the machine may be shared). The ratio
-columns compare fused to the reference of the same config in this run.
+gradient clipping, Adam update, on fixed random batches (speed does not depend on the data).
+  speed   one process per config runs both modes step by step, alternating (ops.USE_FUSED_RESIDUAL
+          flipped between steps of the same model), so a busy moment on a shared machine hits both
+          modes alike; a mode's time is the median of its steps (min also reported in --json);
+  memory  each mode in a fresh subprocess of its own (warmup + 2 steps):
+          CPU   peak RSS of the process (getrusage ru_maxrss) and its growth over the RSS measured just
+                before the first step (model, optimizer and batches already allocated): "train MB";
+          CUDA  torch.cuda.max_memory_allocated over the steps after the first.
+The ratio columns compare fused to the reference of the same config in this run.
 """
 from __future__ import annotations
 
@@ -62,13 +63,15 @@ def rss_bytes() -> int:
 
 
 def worker(spec: dict) -> dict:
+    """spec["job"] = "time": both modes, alternating step by step; "memory": spec["mode"] alone."""
     import torch
 
     from wavenet_ae import ops
     from wavenet_ae.config import preset
     from wavenet_ae.model import WaveNetAE
 
-    ops.USE_FUSED_RESIDUAL = spec["mode"] == "fused"
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     dev = torch.device(spec["device"])
     cfg = preset(spec["preset"])
     B, N = spec["batch"], cfg.data.n_win
@@ -81,37 +84,45 @@ def worker(spec: dict) -> dict:
                 torch.randint(0, m.n_quant, (B, p.dec_len), generator=g).to(dev),
                 torch.randint(0, m.n_speakers, (B,), generator=g).to(dev)) for _ in range(2)]
     bf16 = spec["dtype"] == "bf16"
-    if ops.USE_FUSED_RESIDUAL and not ops.fused_residual_available(batches[0][0].float()):
+    ops.USE_FUSED_RESIDUAL = True
+    if not ops.fused_residual_available(batches[0][0].float()):
         raise SystemExit(f"no fused residual kernel for {spec['device']} in this build of wavenet_ae._C")
 
-    def step(i):
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def step(i, mode):
+        ops.USE_FUSED_RESIDUAL = mode == "fused"
+        t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = model.loss(*batches[i % 2])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
-        return loss
+        sync()
+        return time.perf_counter() - t
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
+    out = {**spec, "n_win": N, "threads": torch.get_num_threads()}
+    if spec["job"] == "time":
+        times = {mo: [] for mo in MODES}
+        for i in range(spec["warmup"] + spec["steps"]):
+            for mo in (MODES if i % 2 == 0 else MODES[::-1]):
+                t = step(i, mo)
+                if i >= spec["warmup"]:
+                    times[mo].append(t)
+        for mo in MODES:
+            ts = sorted(times[mo])
+            out[mo] = {"step_s": ts[len(ts) // 2], "step_min_s": ts[0]}
+        return out
     base = rss_bytes()
-    for i in range(spec["warmup"]):
-        step(i)
+    step(0, spec["mode"])
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for i in range(spec["steps"]):
-        t = time.perf_counter()
-        step(i)
-        sync()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    out = {**spec, "n_win": N, "step_s": times[len(times) // 2], "step_min_s": times[0],
-           "threads": torch.get_num_threads()}
+    for i in range(1, 3):
+        step(i, spec["mode"])
     if dev.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
@@ -135,9 +146,10 @@ def run_worker(spec: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=None, help="comma-separated device:preset[:dtype][:batch]")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 8 for tiny, 3 otherwise)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (reference, fused) runs")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per mode (default: 10; 4 for paper on CPU)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in the runs (default: torch's)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON too")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -159,7 +171,7 @@ def main(argv=None) -> int:
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, wavenet_ae._C compiled for {cap}), "
           f"torch {env['torch']} with {env['torch_threads']} threads, GPU: {env['gpu'] or 'none'}")
     print(f"# fused kernels: CPU {ops.residual_cpu_info() if ops.HAVE_RESIDUAL_KERNELS else 'no'}, "
-          f"CUDA {'yes' if ops.HAVE_RESIDUAL_CUDA else 'no'}; rounds={args.rounds}, warmup={args.warmup}")
+          f"CUDA {'yes' if ops.HAVE_RESIDUAL_CUDA else 'no'}; warmup={args.warmup}")
     rows = []
     t_start = time.time()
     for text in configs.split(","):
@@ -170,28 +182,25 @@ def main(argv=None) -> int:
         pcfg = preset(cfg["preset"])
         if cfg["batch"] is None:
             cfg["batch"] = 1 if (cfg["device"] == "cpu" and cfg["preset"] != "tiny") else pcfg.data.n_batch
-        steps = args.steps or (8 if cfg["preset"] == "tiny" else 3)
-        runs = {m: [] for m in MODES}
-        for r in range(args.rounds):
-            for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-                runs[mode].append(run_worker({**cfg, "mode": mode, "steps": steps, "warmup": args.warmup}))
-        best = {m: min(runs[m], key=lambda o: o["step_s"]) for m in MODES}
-        ref = best["reference"]
-        for m in MODES:
-            o = dict(best[m])
-            o["peak_mb"] = max(x["peak_mb"] for x in runs[m])
-            if "train_mb" in o:
-                o["train_mb"] = max(x["train_mb"] for x in runs[m])
+        steps = args.steps or (10 if cfg["preset"] == "tiny" or cfg["device"] == "cuda" else 4)
+        common = {**cfg, "warmup": args.warmup, "threads": args.threads}
+        timing = run_worker({**common, "job": "time", "steps": steps})
+        mem = {mo: run_worker({**common, "job": "memory", "mode": mo}) for mo in MODES}
+        ref_s = timing["reference"]["step_s"]
+        for mo in MODES:
+            o = {**cfg, "mode": mo, "n_win": timing["n_win"], "threads": timing["threads"], **timing[mo],
+                 **{k: mem[mo][k] for k in ("peak_mb", "train_mb") if k in mem[mo]}}
             o["samples_per_s"] = o["batch"] * o["n_win"] / o["step_s"]
-            o["speedup"] = ref["step_s"] / o["step_s"]
-            o["mem_ratio"] = o["peak_mb"] / max(x["peak_mb"] for x in runs["reference"])
+            o["speedup"] = ref_s / o["step_s"]
+            o["mem_ratio"] = o["peak_mb"] / mem["reference"]["peak_mb"]
             o["config"] = text.strip()
             rows.append(o)
     cols = [("device", "device"), ("preset", "preset"), ("dtype", "dtype"), ("batch", "B"), ("n_win", "N"),
             ("threads", "threads"), ("mode", "mode"), ("step_s", "s/step"), ("samples_per_s", "samples/s"),
             ("speedup", "x ref"), ("peak_mb", "peak MB"), ("train_mb", "train MB"), ("mem_ratio", "mem / ref")]
     print(format_table(rows, cols))
-    print(f"# peak MB: CPU = process max RSS, CUDA = max_memory_allocated; train MB (CPU) = peak RSS - RSS "
+    print(f"# s/step: median over steps alternating with the other mode in one process. peak MB (a fresh "
+          f"process per mode): CPU = max RSS, CUDA = max_memory_allocated; train MB (CPU) = peak RSS - RSS "
           f"before the first step. Total {time.time() - t_start:.0f} s.")
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -23,10 +23,6 @@ TORCH_LIBRARY(wavenet_ae, m) {
         "-> (Tensor, Tensor)");
   // The CPU code path wavenet_generate runs for `request` ('auto' resolves by cpuid); `like`: any CPU tensor.
   m.def("wavenet_generate_cpu_path(Tensor like, str request) -> str");
-  // A chunk's per-layer conditioning for wavenet_generate: out (B, S, W) = bias[b] + lc[b, s] @ proj with
-  // lc (B, S, C), proj (C, W), bias (B, W), float32 contiguous; out is written in place (reused by the
-  // caller across chunks). CPU only (the CUDA engine uses torch.baddbmm).
-  m.def("wavenet_cond(Tensor lc, Tensor proj, Tensor bias, Tensor(a!) out) -> ()");
   // Fused gated dilated causal residual layer (csrc/residual.h has the math; the reference is
   // wavenet_ae/ops.py:residual_layer_ref). x (B, n_res, L), lc (B, n_lc, >= n), g (B, n_global);
   // weights as the layer's modules hold them: w_dil (2 n_dil, n_res, K), w_lc (2 n_dil, n_lc, 1),

@@ -92,18 +92,14 @@ def test_gradcheck_float64(res, bias, K, d, n_out_short):
     n = 11 - (K - 1) * d
     n_out = n - n_out_short
 
-    def f(*a):
-        return tuple(t for t in ops.fused_residual_layer(*a, d, n_out) if t is not None)
-
     live = tuple(a for a in args if a is not None)
-    names = [nm for nm, a in zip(NAMES, args) if a is not None]
 
-    def g(*live_args):
+    def f(*live_args):  # absent biases / residual weights stay None
         it = iter(live_args)
-        return f(*[None if a is None else next(it) for a in args])
+        outs = ops.fused_residual_layer(*[None if a is None else next(it) for a in args], d, n_out)
+        return tuple(t for t in outs if t is not None)
 
-    assert names[0] == "x"
-    assert torch.autograd.gradcheck(g, live, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(f, live, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 CASES = {
@@ -111,6 +107,7 @@ CASES = {
     "tiny_like": (dict(B=4, nr=32, nd=32, ns=64, nlc=32, ng=16, L=1100, d=64), 37),
     "paper_like": (dict(B=2, nr=64, nd=64, ns=256, nlc=128, ng=32, L=700, d=256), 0),
     "odd_sizes": (dict(B=3, nr=5, nd=7, ns=9, nlc=3, ng=1, K=3, L=533, d=5, lc_extra=11), 100),
+    "batch1": (dict(B=1, nr=16, nd=16, ns=32, nlc=8, ng=4, L=300, d=17), 13),
     "batch1_last_layer": (dict(B=1, nr=16, nd=16, ns=32, nlc=8, ng=4, L=300, d=17, res=False), 13),
     "dilation_beyond_output": (dict(B=2, nr=8, nd=4, ns=6, nlc=4, ng=3, L=40, d=37), 0),  # n = 3 < d
     "n_out_1": (dict(B=2, nr=8, nd=5, ns=6, nlc=4, ng=3, L=600, d=8, bias=False), 591),
@@ -131,6 +128,42 @@ def test_cpu_matches_reference(case, dtype):
     fused = run(ops.fused_residual_layer, args, kw["d"], n_out)
     tol = (2e-5, 1e-4) if dtype == torch.float32 else (1e-10, 1e-10)
     compare(fused, ref, *tol, f"{case} {dtype}")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("threads", [1, 8])
+def test_cpu_both_input_gradient_paths(threads):
+    """With B >= threads a thread owns whole items and accumulates the taps into g_x in place; with
+    fewer items than threads, tiles are spread and a second pass sums the taps. Both vs the reference."""
+    kw, short = CASES["tiny_like"]
+    args = make_layer(dtype=torch.float32, **kw)
+    n_out = kw["L"] - kw["d"] - short
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = run(ops.fused_residual_layer, args, kw["d"], n_out)
+    finally:
+        torch.set_num_threads(old)
+    ref = run(ops.residual_layer_ref, cast(args, torch.float64), kw["d"], n_out)
+    compare(fused, ref, 2e-5, 1e-4, f"{threads} threads")
+
+
+@needs_cpu_kernel
+def test_cpu_aten_gemm_fallback_matches_reference():
+    """The kernel's GEMMs call torch's exported BLAS directly, or at::mm where there is none
+    (WAVENET_AE_CPU_GEMM=aten forces that path): both against the reference, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    assert "gemm=" in ops.residual_cpu_info()
+    env = dict(os.environ, WAVENET_AE_CPU_GEMM="aten")
+    info = subprocess.run([sys.executable, "-c", "from wavenet_ae import ops; print(ops.residual_cpu_info())"],
+                          env=env, capture_output=True, text=True, check=True).stdout
+    assert "gemm=aten" in info
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "test_cpu_matches_reference and (tiny_like or odd_sizes or n_out_1)"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "6 passed" in r.stdout, r.stdout[-2000:]
 
 
 @needs_cpu_kernel
@@ -298,7 +331,7 @@ def test_training_loss_curve_matches_reference():
 # CUDA kernels (skipped without a GPU)
 # ---------------------------------------------------------------------------------------------------
 
-CUDA_CASES = ["tiny_like", "paper_like", "odd_sizes", "batch1_last_layer", "dilation_beyond_output", "tile_edges"]
+CUDA_CASES = ["tiny_like", "paper_like", "odd_sizes", "batch1", "batch1_last_layer", "dilation_beyond_output", "tile_edges"]
 
 
 @needs_cuda_kernel

@@ -281,29 +281,6 @@ HAVE_GENERATE_KERNELS = _has_kernel("wavenet_ae::wavenet_generate", "CPU")
 HAVE_GENERATE_CUDA = _has_kernel("wavenet_ae::wavenet_generate", "CUDA")
 
 
-HAVE_COND_KERNEL = _has_kernel("wavenet_ae::wavenet_cond", "CPU")
-
-
-def wavenet_cond_ref(lc: torch.Tensor, proj: torch.Tensor, bias: torch.Tensor,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """A chunk's per-layer conditioning: lc (B, S, C) @ proj (C, W) + bias (B, W)[:, None] -> (B, S, W),
-    written into `out` when given (one batched matmul)."""
-    B = lc.shape[0]
-    return torch.baddbmm(bias[:, None, :], lc, proj.expand(B, -1, -1), out=out)
-
-
-def wavenet_cond(lc: torch.Tensor, proj: torch.Tensor, bias: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same as ``wavenet_cond_ref``; on CPU the extension's kernel (AVX2 tiles, threads over rows),
-    which beats MKL's GEMM on AMD CPUs and reuses `out` instead of allocating per chunk."""
-    if HAVE_COND_KERNEL and _use_ext(lc) and lc.device.type == "cpu":
-        if out is None:
-            out = lc.new_empty(lc.shape[0], lc.shape[1], proj.shape[1])
-        torch.ops.wavenet_ae.wavenet_cond(lc, proj, bias, out)
-        return out
-    return wavenet_cond_ref(lc, proj, bias, out)
-
-
 def generate_cpu_path(request: str = "auto") -> str:
     """The CPU code path of the ``cpp`` engine for ``request`` ('auto' | 'generic' | 'avx2'):
     'avx2' (AVX2+FMA intrinsics, chosen by cpuid at run time) or 'generic' (portable loops)."""
@@ -326,13 +303,6 @@ def wavenet_generate(w: GenWeights, cond: torch.Tensor, u: torch.Tensor, forced:
             w.embed, w.w_dil, w.w_out, w.b_out, w.w_post1, w.b_post1, w.w_post2, w.b_post2,
             list(w.dilations), cond, u, forced, queues, x_prev, int(t0), bool(want_logits), path)
     return wavenet_generate_ref(w, cond, u, forced, queues, x_prev, t0, want_logits)
-
-
-if HAVE_COND_KERNEL:
-
-    @torch.library.register_fake("wavenet_ae::wavenet_cond")
-    def _wavenet_cond_fake(lc, proj, bias, out):
-        return None
 
 
 if HAVE_GENERATE_KERNELS:

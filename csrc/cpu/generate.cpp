@@ -27,16 +27,15 @@
 #include "generate_host.h"
 #include "wavenet_step.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define WN_HAVE_X86 1
-#include <immintrin.h>
-#define WN_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define WN_HAVE_X86 0
-#endif
+#include "simd.h"
 
 namespace wavenet_ae {
 namespace {
+
+using cpu::cpu_has_avx2;
+#if WN_HAVE_X86
+using cpu::exp8;
+#endif
 
 using gen::Chunk;
 using gen::Dims;
@@ -94,28 +93,6 @@ void run_generic(const Params<float>& P, const Chunk& c, int64_t b0, int64_t b1)
 // avx2 path
 // ---------------------------------------------------------------------------------------------------
 #if WN_HAVE_X86
-
-// exp with the Cephes polynomial (as in avx_mathfun): relative error ~1e-7 on [-88, 88].
-WN_AVX2 inline __m256 exp8(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  const __m256 z = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, one));
-  __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-  e = _mm256_slli_epi32(e, 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 
 // gate[c] = tanh(h[c]) * sigmoid(h[nd + c]) with one division:
 //   tanh(a) sigmoid(b) = (e^2a - 1) / ((e^2a + 1)(1 + e^-b)),  a clamped to [-9, 9] (tanh(9) rounds to
@@ -368,44 +345,11 @@ WN_AVX2 void run_avx2(const Params<float>& P, const PackedModel& M, const Chunk&
   for (int j = 0; j < nb; ++j) c.x_prev[b0 + j] = cur[j];
 }
 
-// out[r] = bias[r / S] + lc[r] @ V for rows r in [r0, r1) of the (B S, C) x (C, W) product.
-// Blocks of 128 rows x 256 columns keep the rows and the weight panel in L2.
-WN_AVX2 void cond_rows_avx2(const PackedMat& V, const float* lc, const float* bias, int64_t S, int64_t r0,
-                            int64_t r1, float* out) {
-  const int C = V.rows, W = V.cols;
-  constexpr int64_t kRows = 128;
-  constexpr int kCols = 256;  // multiple of kPanel
-  std::vector<const float*> xs(kRows);
-  std::vector<float*> ys(kRows);
-  for (int64_t r = r0; r < r1; ++r) std::memcpy(out + r * W, bias + (r / S) * W, sizeof(float) * W);
-  for (int64_t rb = r0; rb < r1; rb += kRows) {
-    const int nb = (int)std::min(kRows, r1 - rb);
-    for (int c0 = 0; c0 < W; c0 += kCols) {
-      const PackedMat sub{V.p + (int64_t)(c0 / kPanel) * C * kPanel, C, W - c0};
-      for (int j = 0; j < nb; ++j) {
-        xs[j] = lc + (rb + j) * C;
-        ys[j] = out + (rb + j) * W + c0;
-      }
-      matmul(sub, std::min(kCols, W - c0), 1, C, nb, xs.data(), ys.data());
-    }
-  }
-}
-
-bool cpu_has_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
-#else
-bool cpu_has_avx2() { return false; }
 #endif  // WN_HAVE_X86
 
 // Runs f(b0, b1) on at::get_num_threads() threads, each taking one contiguous block of the B items
-// for the whole chunk (no synchronisation inside). Plain std::thread rather than at::parallel_for:
-// ATen's OpenMP backend is header-inline and compiles to a serial loop in an extension built without
-// -fopenmp; one fan-out per chunk (thousands of steps) makes thread start-up negligible.
+// for the whole chunk (no synchronisation inside). Plain std::thread: one fan-out per chunk (thousands
+// of steps) makes thread start-up negligible, and it does not depend on the build's OpenMP flags.
 template <class F>
 void parallel_items(int64_t B, const F& f) {
   const int64_t nt = std::min<int64_t>(B, std::max(1, at::get_num_threads()));
@@ -493,50 +437,6 @@ std::tuple<at::Tensor, at::Tensor> wavenet_generate_cpu(
   return {samples, logits};
 }
 
-// Conditioning of a chunk: out (B, S, W) = bias[b] + lc[b, s] @ proj, lc (B, S, C), proj (C, W) (input-major),
-// bias (B, W); all float32 contiguous. One batched product per chunk, threads over rows; out is reused by
-// the caller across chunks (no fresh pages per chunk).
-void wavenet_cond_cpu(const at::Tensor& lc, const at::Tensor& proj, const at::Tensor& bias, at::Tensor& out) {
-  constexpr const char* op = "wavenet_ae::wavenet_cond";
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lc, "lc"}, {proj, "proj"},
-                                {bias, "bias"}, {out, "out"}}) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), op, ": ", name,
-                " must be a contiguous float32 CPU tensor");
-  }
-  TORCH_CHECK(lc.dim() == 3 && proj.dim() == 2 && proj.size(0) == lc.size(2), op,
-              ": lc must be (B, S, C) and proj (C, W), got ", lc.sizes(), " and ", proj.sizes());
-  const int64_t B = lc.size(0), S = lc.size(1), C = lc.size(2), W = proj.size(1);
-  TORCH_CHECK(bias.sizes() == at::IntArrayRef({B, W}), op, ": bias must be (B, W) = (", B, ", ", W, "), got ",
-              bias.sizes());
-  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, S, W}), op, ": out must be (B, S, W) = (", B, ", ", S, ", ", W,
-              "), got ", out.sizes());
-  const float* x = lc.const_data_ptr<float>();
-  const float* v = proj.const_data_ptr<float>();
-  const float* bs = bias.const_data_ptr<float>();
-  float* y = out.data_ptr<float>();
-  const int64_t N = B * S;
-  if (N == 0 || W == 0) return;
-#if WN_HAVE_X86
-  if (cpu_has_avx2()) {
-    std::vector<float> buf(packed_size((int)C, (int)W));
-    const PackedMat V = pack(v, W, (int)C, (int)W, buf.data());
-    parallel_items(N, [&](int64_t r0, int64_t r1) { cond_rows_avx2(V, x, bs, S, r0, r1, y); });
-    return;
-  }
-#endif
-  parallel_items(N, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float* yr = y + r * W;
-      std::memcpy(yr, bs + (r / S) * W, sizeof(float) * W);
-      for (int64_t c = 0; c < C; ++c) {
-        const float xc = x[r * C + c];
-        const float* vc = v + c * W;
-        for (int64_t o = 0; o < W; ++o) yr[o] += xc * vc[o];
-      }
-    }
-  });
-}
-
 std::string wavenet_generate_cpu_path(const at::Tensor& like, c10::string_view request) {
   (void)like;
   return resolve_path(std::string(request));
@@ -547,7 +447,6 @@ std::string wavenet_generate_cpu_path(const at::Tensor& like, c10::string_view r
 TORCH_LIBRARY_IMPL(wavenet_ae, CPU, m) {
   m.impl("wavenet_generate", &wavenet_generate_cpu);
   m.impl("wavenet_generate_cpu_path", &wavenet_generate_cpu_path);
-  m.impl("wavenet_cond", &wavenet_cond_cpu);
 }
 
 }  // namespace wavenet_ae

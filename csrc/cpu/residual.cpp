@@ -1,20 +1,27 @@
 // Fused WaveNet residual layer, CPU kernels (forward and backward). Math and layout: csrc/residual.h.
 //
 // The time axis of every batch item is cut into tiles of kTile columns; at::parallel_for hands each
-// thread a contiguous run of (item, tile) pairs. Per tile everything stays in cache:
-//   forward   h = sum_k W_k x_k + W_lc lc       (K + 1 accumulating GEMMs, written into `saved`)
-//             one pass: h += b_dil + W_gc g;  a = tanh, s = sigmoid (kept in `saved` for backward);
-//                       z = a s (a tile-local buffer: never materialised for the whole sequence)
-//             x_out = x + b_res + W_res z;  skip = b_skip + W_skip z      (GEMMs from the buffer)
-//   backward  g_z = W_res^T g_xout + W_skip^T g_skip                       (GEMMs, tile buffer)
-//             one pass: z = a s;  g_h = g_z (s (1 - a^2) | a s (1 - s)); row sums of g_h
-//             weight gradients accumulate per thread (GEMMs over the tile; reduced at the end in a
-//             fixed order, so results do not depend on scheduling); P = [W_k]^T g_h (all taps in
-//             one GEMM) and g_lc = W_lc^T g_h are written per tile; a second pass sums the shifted
-//             taps of P and the residual pass-through into g_x (taps overlap across tiles).
-// Matrix products are ATen GEMMs (at::mm_out / addmm_, single-threaded inside the parallel region);
-// the elementwise passes are AVX2+FMA intrinsics for float when the CPU has them (cpuid), portable
-// loops otherwise (and for double, which the gradcheck tests use).
+// thread a contiguous run of (item, tile) pairs. Per tile, with X = [x(t); x(t + d); ...; lc(t)] the
+// concatenated input gathered into a tile buffer (K n_res + n_lc rows):
+//   forward   h = W_in X                          one GEMM (dilated conv + conditioning projection),
+//                                                 written straight into `saved`
+//             one pass: h += b_dil + W_gc g;  a, s = tanh, sigmoid (kept in `saved`);  z = a s
+//                       (z is a tile buffer, never materialised for the whole sequence)
+//             O = [W_res; W_skip] z               one GEMM into a tile buffer
+//             one pass: x_out = x (current tap) + b_res + O_res;  skip = b_skip + O_skip
+//   backward  G_out = [g_xout; g_skip] (tile buffer);  g_z = W_out^T G_out      one GEMM
+//             one pass: z = a s;  g_h = g_z (s (1 - a^2) | a s (1 - s));  row sums of g_h
+//             [W_out | b_out] += G_out [z; 1]^T,  W_in += g_h X^T   two GEMMs into per-thread
+//             accumulators (reduced at the end in a fixed order: results do not depend on scheduling)
+//             g_lc = W_lc^T g_h                   one GEMM into the tile's own columns
+//             g_x += W_k^T g_h at tap k            K GEMMs (beta 1) into g_x: the taps of neighbouring
+//             tiles overlap, so this runs when a thread owns whole batch items (B >= threads);
+//             otherwise P = [W_k]^T g_h is written per tile and a second pass sums its shifted taps
+//             (measured: the in-place variant is 4-9% faster where both apply).
+// The backward reads the saved tanh/sigmoid values instead of recomputing them from h: no exp in the
+// backward, and the same memory as saving h. Matrix products go to torch's BLAS on raw pointers
+// (blas.h: single-threaded inside the parallel region); the elementwise passes are AVX2+FMA intrinsics
+// for float when the CPU has them (cpuid), portable loops otherwise (and for double, used by gradcheck).
 #include <algorithm>
 #include <cmath>
 #include <optional>
@@ -41,30 +48,24 @@
 #pragma message("csrc/cpu/residual.cpp compiled without -fopenmp: at::parallel_for runs serially here")
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
-#define RES_HAVE_X86 1
-#include <immintrin.h>
-#define RES_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define RES_HAVE_X86 0
-#endif
+#include "blas.h"
+#include "simd.h"
 
 namespace wavenet_ae {
 namespace {
 
 using residual::Geom;
+using cpu::cpu_has_avx2;
+using cpu::gemm;
+#if WN_HAVE_X86
+using cpu::exp8;
+#endif
 using Opt = std::optional<at::Tensor>;
 
 // Columns per tile. The tile's working set (inputs, h, z, outputs: 1-3 KB per column for the tiny and
 // paper presets) stays in L2; narrower tiles pay more per-GEMM overhead. 256 measured best for both
 // presets on a 2-core AMD EPYC (Zen 3) VM (128 and 512 were 5-30% slower).
 constexpr int64_t kTile = 256;
-
-// (rows, cols) view of batch item b of a (B, C, T) tensor: channels [r0, r0 + rows), steps [t0, t0 + cols).
-at::Tensor tile(const at::Tensor& t, int64_t b, int64_t r0, int64_t rows, int64_t t0, int64_t cols) {
-  return t.as_strided({rows, cols}, {t.stride(1), t.stride(2)},
-                      t.storage_offset() + b * t.stride(0) + r0 * t.stride(1) + t0 * t.stride(2));
-}
 
 // ---------------------------------------------------------------------------------------------------
 // elementwise passes: portable versions
@@ -119,32 +120,10 @@ void gate_bwd_generic(const T* S, int64_t ld, const T* gz, int64_t nd, int64_t t
 // ---------------------------------------------------------------------------------------------------
 // elementwise passes: AVX2 + FMA (float)
 // ---------------------------------------------------------------------------------------------------
-#if RES_HAVE_X86
-
-// exp with the Cephes polynomial (as in avx_mathfun): relative error ~1e-7 on [-88, 88].
-RES_AVX2 inline __m256 exp8(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, one));
-  __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-  e = _mm256_slli_epi32(e, 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
+#if WN_HAVE_X86
 
 // tanh(a) = sign(a) (1 - 2 / (exp(2|a|) + 1)): no overflow, absolute error ~1e-7.
-RES_AVX2 inline __m256 tanh8(__m256 a) {
+WN_AVX2 inline __m256 tanh8(__m256 a) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   const __m256 abs = _mm256_andnot_ps(sign, a);
   const __m256 one = _mm256_set1_ps(1.f);
@@ -152,19 +131,19 @@ RES_AVX2 inline __m256 tanh8(__m256 a) {
   return _mm256_or_ps(t, _mm256_and_ps(sign, a));
 }
 
-RES_AVX2 inline __m256 sigmoid8(__m256 b) {
+WN_AVX2 inline __m256 sigmoid8(__m256 b) {
   const __m256 one = _mm256_set1_ps(1.f);
   return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), b))));
 }
 
-RES_AVX2 inline float hsum8(__m256 v) {
+WN_AVX2 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
 
-RES_AVX2 void gate_fwd_avx2(float* S, int64_t ld, const float* cb, int64_t nd, int64_t tw, float* z) {
+WN_AVX2 void gate_fwd_avx2(float* S, int64_t ld, const float* cb, int64_t nd, int64_t tw, float* z) {
   for (int64_t c = 0; c < nd; ++c) {
     float* ra = S + c * ld;
     float* rs = S + (nd + c) * ld;
@@ -196,7 +175,7 @@ RES_AVX2 void gate_fwd_avx2(float* S, int64_t ld, const float* cb, int64_t nd, i
   }
 }
 
-RES_AVX2 void gate_bwd_avx2(const float* S, int64_t ld, const float* gz, int64_t nd, int64_t tw, float* z,
+WN_AVX2 void gate_bwd_avx2(const float* S, int64_t ld, const float* gz, int64_t nd, int64_t tw, float* z,
                             float* gh, float* gsum) {
   const __m256 one = _mm256_set1_ps(1.f);
   for (int64_t c = 0; c < nd; ++c) {
@@ -236,20 +215,11 @@ RES_AVX2 void gate_bwd_avx2(const float* S, int64_t ld, const float* gz, int64_t
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
-#else
-bool cpu_has_avx2() { return false; }
-#endif  // RES_HAVE_X86
+#endif  // WN_HAVE_X86
 
 template <typename T>
 void gate_fwd(T* S, int64_t ld, const T* cb, int64_t nd, int64_t tw, T* z) {
-#if RES_HAVE_X86
+#if WN_HAVE_X86
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx2()) return gate_fwd_avx2(S, ld, cb, nd, tw, z);
   }
@@ -259,7 +229,7 @@ void gate_fwd(T* S, int64_t ld, const T* cb, int64_t nd, int64_t tw, T* z) {
 
 template <typename T>
 void gate_bwd(const T* S, int64_t ld, const T* gz, int64_t nd, int64_t tw, T* z, T* gh, T* gsum) {
-#if RES_HAVE_X86
+#if WN_HAVE_X86
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx2()) return gate_bwd_avx2(S, ld, gz, nd, tw, z, gh, gsum);
   }
@@ -309,9 +279,6 @@ void gather_input(const Geom& G, const at::Tensor& x, const at::Tensor& lc, int6
   for (int64_t r = 0; r < G.nlc; ++r) std::copy(lp + r * lc.stride(1), lp + r * lc.stride(1) + tw, dst + r * tw);
 }
 
-// A (rows, cols) contiguous view of the front of a flat buffer.
-at::Tensor front(const at::Tensor& buf, int64_t rows, int64_t cols) { return buf.narrow(0, 0, rows * cols).view({rows, cols}); }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_layer_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& lc_, const at::Tensor& g_, const at::Tensor& w_dil, const Opt& b_dil,
     const at::Tensor& w_lc, const at::Tensor& w_gc, const Opt& w_res, const Opt& b_res, const at::Tensor& w_skip,
@@ -343,26 +310,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_layer_fwd_cpu(
       at::AutoDispatchBelowADInplaceOrView below;  // worker threads: no autograd bookkeeping
       at::Tensor xbuf = at::empty({Kc * kTile}, o), zbuf = at::empty({G.nd * kTile}, o),
                  obuf = at::empty({n_o * kTile}, o);
+      T* X = xbuf.data_ptr<T>();
+      T* z = zbuf.data_ptr<T>();
+      T* op_ = obuf.data_ptr<T>();
+      const T* win = Win.const_data_ptr<T>();
+      const T* wout = Wout.const_data_ptr<T>();
       for (int64_t c = c_begin; c < c_end; ++c) {
         for (int64_t i = ch.begin(c); i < ch.begin(c + 1); ++i) {
           const int64_t b = i / tiles_per_item, t0 = (i % tiles_per_item) * kTile;
           const int64_t tw = std::min(kTile, G.nc - t0);
           const int64_t lo = std::max(t0, G.cs);  // first column of the tile that feeds the skip output
           // h = W_in [x taps; lc]  (one GEMM), into `saved`
-          const at::Tensor X = front(xbuf, Kc, tw);
-          gather_input<T>(G, x, lc, b, t0, tw, X.data_ptr<T>());
-          at::Tensor h = tile(S, b, 0, nd2, t0, tw);
-          at::mm_out(h, Win, X);
+          gather_input<T>(G, x, lc, b, t0, tw, X);
+          T* h = S.data_ptr<T>() + b * S.stride(0) + t0;
+          gemm<T>(false, false, nd2, tw, Kc, win, Kc, X, tw, T(0), h, G.nc);
           // h += b_dil + W_gc g;  a, s = tanh, sigmoid (kept);  z = a s
-          const at::Tensor z = front(zbuf, G.nd, tw);
-          gate_fwd<T>(S.data_ptr<T>() + b * S.stride(0) + t0, G.nc, cb.const_data_ptr<T>() + b * nd2, G.nd, tw,
-                      z.data_ptr<T>());
+          gate_fwd<T>(h, G.nc, cb.const_data_ptr<T>() + b * nd2, G.nd, tw, z);
           // [res; skip] = W_out z  (one GEMM; the residual rows only when no column feeds the skip)
           const int64_t rows = lo < t0 + tw ? n_o : n_res_rows;
           if (rows == 0) continue;
-          at::Tensor O = front(obuf, rows, tw);
-          at::mm_out(O, Wout.narrow(0, 0, rows), z);
-          const T* op_ = O.const_data_ptr<T>();
+          gemm<T>(false, false, rows, tw, G.nd, wout, G.nd, z, tw, T(0), op_, tw);
           if (G.has_res) {  // x_out = x (current tap) + b_res + W_res z
             T* xo = x_out.data_ptr<T>() + b * x_out.stride(0) + t0;
             const T* xi = x.const_data_ptr<T>() + b * x.stride(0) + (G.K - 1) * G.d + t0;
@@ -412,16 +379,22 @@ std::vector<at::Tensor> residual_layer_bwd_cpu(
   const at::TensorOptions o = x.options();
   const int64_t nd2 = 2 * G.nd, Kc = G.kc(), Knr = G.K * G.nr, n_res_rows = G.has_res ? G.nr : 0,
                 n_o = n_res_rows + G.ns;
-  // input-gradient rows of P = W_in^T g_h that are needed: [x taps] [lc]
-  const int64_t p_lo = need_x ? 0 : Knr, p_hi = need_lc ? Kc : Knr, p_rows = std::max<int64_t>(0, p_hi - p_lo);
 
   // Per-chunk accumulators, one row each: [gW_in (2nd, Kc) | [gW_out gb_out] (n_o, nd + 1) | ghsum (B, 2nd)]
   const int64_t nd1 = G.nd + 1, o_wi = 0, o_wo = o_wi + nd2 * Kc, o_hs = o_wo + n_o * nd1, acc_len = o_hs + G.B * nd2;
   const int64_t tiles_per_item = (G.nc + kTile - 1) / kTile;
-  const Chunks ch = make_chunks(G.B * tiles_per_item);
+  // Input gradients: the taps of different tiles overlap in g_x. With at least one batch item per
+  // thread, a thread owns whole items and accumulates W_k^T g_h into g_x directly (GEMMs with beta 1);
+  // otherwise (few items) tiles are spread over threads, P = W_in^T g_h is written per tile and a second
+  // pass sums its shifted taps.
+  const bool by_item = need_x && G.B >= at::get_num_threads();
+  const Chunks ch = make_chunks(by_item ? G.B : G.B * tiles_per_item);
+  const int64_t tiles_per_unit = by_item ? tiles_per_item : 1;
   at::Tensor acc = at::zeros({ch.n, acc_len}, o);
-  at::Tensor P = p_rows > 0 ? at::empty({G.B, p_rows, G.nc}, o) : at::Tensor();
-  const at::Tensor WinT_p = p_rows > 0 ? Win.narrow(1, p_lo, p_rows).t() : at::Tensor();
+  at::Tensor g_x = need_x ? at::empty({G.B, G.nr, G.L}, o) : at::empty({0}, o);
+  at::Tensor g_lc = need_lc ? at::empty({G.B, G.nlc, G.Llc}, o) : at::empty({0}, o);
+  at::Tensor P = (need_x && !by_item) ? at::empty({G.B, Knr, G.nc}, o) : at::Tensor();
+  if (need_lc && G.lc_off > 0) g_lc.narrow(2, 0, G.lc_off).zero_();  // columns no output depends on
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_layer_bwd_cpu", [&] {
     using T = scalar_t;
@@ -430,19 +403,39 @@ std::vector<at::Tensor> residual_layer_bwd_cpu(
       at::Tensor gobuf = at::empty({n_o * kTile}, o), gzbuf = at::empty({G.nd * kTile}, o),
                  zbuf = at::empty({nd1 * kTile}, o), ghbuf = at::empty({nd2 * kTile}, o),
                  xbuf = at::empty({Kc * kTile}, o);
+      T* gop = gobuf.data_ptr<T>();
+      T* gz = gzbuf.data_ptr<T>();
+      T* z1 = zbuf.data_ptr<T>();  // z with a row of ones below it
+      T* gh = ghbuf.data_ptr<T>();
+      T* X = xbuf.data_ptr<T>();
+      const T* win = Win.const_data_ptr<T>();
+      const T* wout = Wout.const_data_ptr<T>();
       for (int64_t c = c_begin; c < c_end; ++c) {
-        at::Tensor a = acc[c];
-        at::Tensor gWin = a.narrow(0, o_wi, nd2 * Kc).view({nd2, Kc});
-        at::Tensor gWout = a.narrow(0, o_wo, n_o * nd1).view({n_o, nd1});  // bias gradient in the last column
-        T* ghs = a.data_ptr<T>() + o_hs;
-        for (int64_t i = ch.begin(c); i < ch.begin(c + 1); ++i) {
+        T* a = acc.data_ptr<T>() + c * acc_len;
+        T* gWin = a + o_wi;   // (2nd, Kc)
+        T* gWout = a + o_wo;  // (n_o, nd + 1): bias gradient in the last column
+        T* ghs = a + o_hs;
+        for (int64_t i = ch.begin(c) * tiles_per_unit; i < ch.begin(c + 1) * tiles_per_unit; ++i) {
           const int64_t b = i / tiles_per_item, t0 = (i % tiles_per_item) * kTile;
           const int64_t tw = std::min(kTile, G.nc - t0);
           const int64_t lo = std::max(t0, G.cs);  // first column of the tile that feeds the skip output
+          if (by_item && t0 == 0) {  // this thread's item: g_x = the residual pass-through
+            {
+              for (int64_t r = 0; r < G.nr; ++r) {
+                T* dst = g_x.data_ptr<T>() + (b * G.nr + r) * G.L;
+                const int64_t sh = (G.K - 1) * G.d;
+                if (have_gxo) {
+                  const T* src = gxo.const_data_ptr<T>() + b * gxo.stride(0) + r * gxo.stride(1);
+                  std::fill(dst, dst + sh, T(0));
+                  std::copy(src, src + G.n, dst + sh);
+                } else {
+                  std::fill(dst, dst + G.L, T(0));
+                }
+              }
+            }
+          }
           // G_out = [g_xout; g_skip] for the tile (zeros where a column feeds no output)
           const int64_t rows = lo < t0 + tw ? n_o : n_res_rows;
-          at::Tensor Go = front(gobuf, rows, tw);
-          T* gop = Go.data_ptr<T>();
           for (int64_t r = 0; r < n_res_rows; ++r) {
             T* dst = gop + r * tw;
             if (have_gxo) {
@@ -462,23 +455,30 @@ std::vector<at::Tensor> residual_layer_bwd_cpu(
           }
           // g_z = W_out^T G_out  (one GEMM)
           // z gets a row of ones below it: G_out [z; 1]^T gives the output weights' and biases' gradients
-          at::Tensor gz = front(gzbuf, G.nd, tw), z1 = front(zbuf, nd1, tw), gh = front(ghbuf, nd2, tw);
-          at::Tensor z = z1.narrow(0, 0, G.nd);
-          std::fill(z1.data_ptr<T>() + G.nd * tw, z1.data_ptr<T>() + nd1 * tw, T(1));
-          if (rows > 0) at::mm_out(gz, Wout.narrow(0, 0, rows).t(), Go);
-          else gz.zero_();
+          std::fill(z1 + G.nd * tw, z1 + nd1 * tw, T(1));
+          if (rows > 0) gemm<T>(true, false, G.nd, tw, rows, wout, G.nd, gop, tw, T(0), gz, tw);
+          else std::fill(gz, gz + G.nd * tw, T(0));
           // z = a s;  g_h;  row sums of g_h (bias and global-conditioning gradients)
-          gate_bwd<T>(saved.const_data_ptr<T>() + b * saved.stride(0) + t0, G.nc, gz.const_data_ptr<T>(), G.nd, tw,
-                      z.data_ptr<T>(), gh.data_ptr<T>(), ghs + b * nd2);
+          gate_bwd<T>(saved.const_data_ptr<T>() + b * saved.stride(0) + t0, G.nc, gz, G.nd, tw, z1, gh,
+                      ghs + b * nd2);
           // weight gradients: [W_out b_out] += G_out [z; 1]^T,  W_in += g_h X^T
-          if (rows > 0) gWout.narrow(0, 0, rows).addmm_(Go, z1.t());
-          const at::Tensor X = front(xbuf, Kc, tw);
-          gather_input<T>(G, x, lc, b, t0, tw, X.data_ptr<T>());
-          gWin.addmm_(gh, X.t());
-          // input gradients before the shifts: P = W_in^T g_h  (one GEMM)
-          if (p_rows > 0) {
-            at::Tensor pt = tile(P, b, 0, p_rows, t0, tw);
-            at::mm_out(pt, WinT_p, gh);
+          if (rows > 0) gemm<T>(false, true, rows, nd1, tw, gop, tw, z1, tw, T(1), gWout, nd1);
+          gather_input<T>(G, x, lc, b, t0, tw, X);
+          gemm<T>(false, true, nd2, Kc, tw, gh, tw, X, tw, T(1), gWin, Kc);
+          // input gradients: g_lc = W_lc^T g_h (its own columns);  g_x += W_k^T g_h at each tap (in
+          // place, this thread owns the item) or P = [W_k]^T g_h for the second pass
+          if (need_lc) {
+            T* lt = g_lc.data_ptr<T>() + b * G.nlc * G.Llc + G.lc_off + t0;
+            gemm<T>(true, false, G.nlc, tw, nd2, win + Knr, Kc, gh, tw, T(0), lt, G.Llc);
+          }
+          if (by_item) {
+            for (int64_t k = 0; k < G.K; ++k) {
+              T* xt = g_x.data_ptr<T>() + b * G.nr * G.L + k * G.d + G.c0 + t0;
+              gemm<T>(true, false, G.nr, tw, nd2, win + k * G.nr, Kc, gh, tw, T(1), xt, G.L);
+            }
+          } else if (need_x) {
+            T* pt = P.data_ptr<T>() + b * Knr * G.nc + t0;
+            gemm<T>(true, false, Knr, tw, nd2, win, Kc, gh, tw, T(0), pt, G.nc);
           }
         }
       }
@@ -500,37 +500,26 @@ std::vector<at::Tensor> residual_layer_bwd_cpu(
   at::Tensor g_w_skip = gWo.narrow(0, n_res_rows, G.ns).contiguous().view({G.ns, G.nd, 1});
   at::Tensor g_b_skip = residual::present(b_skip) ? gbo.narrow(0, n_res_rows, G.ns).contiguous() : at::empty({0}, o);
 
-  // g_x[:, u] = g_xout[:, u - (K-1) d] + sum_k P_k[:, u - k d - c0];  g_lc[:, u] = P_lc[:, u - lc_off]
-  // (terms outside their range are 0). The taps overlap across tiles, hence this second pass.
-  at::Tensor g_x = need_x ? at::empty({G.B, G.nr, G.L}, o) : at::empty({0}, o);
-  at::Tensor g_lc = need_lc ? at::empty({G.B, G.nlc, G.Llc}, o) : at::empty({0}, o);
-  if (p_rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_layer_bwd_cpu_inputs", [&] {
+  // second pass of the tile-parallel path: g_x[:, u] = g_xout[:, u - (K-1) d] + sum_k P_k[:, u - k d - c0]
+  // (terms outside their range are 0)
+  if (P.defined()) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_layer_bwd_cpu_gx", [&] {
       using T = scalar_t;
       const T* pp = P.const_data_ptr<T>();
-      const int64_t rx = need_x ? G.nr : 0, rl = need_lc ? G.nlc : 0;
-      at::parallel_for(0, G.B * (rx + rl), 16, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, G.B * G.nr, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t row = r0; row < r1; ++row) {
-          const int64_t b = row / (rx + rl), r = row % (rx + rl);
-          if (r < rx) {
-            T* dst = g_x.data_ptr<T>() + (b * G.nr + r) * G.L;
-            std::fill(dst, dst + G.L, T(0));
-            if (have_gxo) {
-              const T* src = gxo.const_data_ptr<T>() + b * gxo.stride(0) + r * gxo.stride(1);
-              T* d2 = dst + (G.K - 1) * G.d;
-              for (int64_t t = 0; t < G.n; ++t) d2[t] += src[t];
-            }
-            for (int64_t k = 0; k < G.K; ++k) {
-              const T* src = pp + (b * p_rows + k * G.nr + r) * G.nc;
-              T* d2 = dst + k * G.d + G.c0;
-              for (int64_t t = 0; t < G.nc; ++t) d2[t] += src[t];
-            }
-          } else {
-            const int64_t rr = r - rx;
-            T* dst = g_lc.data_ptr<T>() + (b * G.nlc + rr) * G.Llc;
-            const T* src = pp + (b * p_rows + (Knr - p_lo) + rr) * G.nc;
-            std::fill(dst, dst + G.lc_off, T(0));
-            std::copy(src, src + G.nc, dst + G.lc_off);
+          const int64_t b = row / G.nr, r = row % G.nr;
+          T* dst = g_x.data_ptr<T>() + row * G.L;
+          std::fill(dst, dst + G.L, T(0));
+          if (have_gxo) {
+            const T* src = gxo.const_data_ptr<T>() + b * gxo.stride(0) + r * gxo.stride(1);
+            T* d2 = dst + (G.K - 1) * G.d;
+            for (int64_t t = 0; t < G.n; ++t) d2[t] += src[t];
+          }
+          for (int64_t k = 0; k < G.K; ++k) {
+            const T* src = pp + (b * Knr + k * G.nr + r) * G.nc;
+            T* d2 = dst + k * G.d + G.c0;
+            for (int64_t t = 0; t < G.nc; ++t) d2[t] += src[t];
           }
         }
       });
@@ -542,6 +531,7 @@ std::vector<at::Tensor> residual_layer_bwd_cpu(
 // How the CPU kernel runs here: elementwise path and threading.
 std::string residual_layer_cpu_info(const at::Tensor& /*like*/) {
   std::string s = cpu_has_avx2() ? "elementwise=avx2" : "elementwise=generic";
+  s += std::string(" gemm=") + cpu::gemm_path();
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
   s += " threads=1 (built without -fopenmp: at::parallel_for is serial in this kernel)";
 #else
