@@ -13,9 +13,10 @@ from wavenet_ae.model.decoder import jitter
 from wavenet_ae.ops import mu_law_encode
 
 
-def _tiny(bottleneck):
+def _tiny(bottleneck, vq_warmup_steps=0):
     cfg = preset("tiny")
     cfg.model.bottleneck = bottleneck
+    cfg.model.vq_warmup_steps = vq_warmup_steps
     return cfg
 
 
@@ -130,6 +131,27 @@ def test_vq_codebook_starts_from_encoder_outputs():
     z_e = bn.proj(h).detach().transpose(1, 2).reshape(-1, 4)
     assert torch.cdist(bn.codebook, z_e).min(1).values.max() < 0.5
     assert t["codes_used"] > 4
+
+
+def test_vq_warmup_trains_unquantised_then_starts_the_codebook_from_encoder_outputs():
+    torch.manual_seed(0)
+    m = ModelConfig(n_enc=4, n_latent=4, n_codes=8, bottleneck="vqvae", vq_warmup_steps=3)
+    bn = VQBottleneck(m).train()
+    h = torch.randn(2, 4, 50) * 3 + 5.0
+    for step in range(3):
+        z, t = bn(h)
+        assert torch.equal(z, bn.proj(h)) and "codes" not in t and t["loss_commit"] == 0
+        assert not bool(bn.initialized)
+    assert torch.equal(bn.eval()(h)[0], bn.proj(h))          # evaluation in warm-up: unquantised too
+    # a checkpoint taken now resumes at the same point of the warm-up
+    resumed = VQBottleneck(m)
+    resumed.load_state_dict(bn.state_dict())
+    for b in (bn.train(), resumed.train()):
+        z, t = b(h)
+        assert bool(b.initialized) and "codes" in t
+        z_e = b.proj(h).detach().transpose(1, 2).reshape(-1, 4)
+        assert torch.cdist(b.codebook, z_e).min(1).values.max() < 0.5
+    assert int(bn.steps_seen) == int(resumed.steps_seen) == 4
 
 
 def test_jitter_replaces_only_by_neighbours():

@@ -16,7 +16,8 @@ from wavenet_ae import checkpoint
 STEPS = 14
 SMALL = ["n_enc=24", "n_latent=8", "n_codes=32", "n_res=12", "n_dil=12", "n_skp=24", "n_post=24",
          "n_lc_out=16", "n_block_layers=6", "n_batch=3", "n_win=640", "buffer_seconds=10",
-         "fraction=0.002", "validate_every=7", "log_every=1", "keep_checkpoints=20"]
+         "fraction=0.002", "validate_every=7", "log_every=1", "keep_checkpoints=20",
+         "vq_warmup_steps=5"]   # the VQ warm-up ends inside the runs: resumes cross it
 
 
 def _cmd(run_dir, *extra):
@@ -143,7 +144,7 @@ def test_second_sigint_while_checkpointing_corrupts_nothing(reference, tmp_path)
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
     r = subprocess.run(_cmd(tmp_path, "lr=1e6", "lr_warmup_steps=1", "--checkpoint-every", "1"),
                        env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 3 and "non-finite loss" in r.stderr and ".flac" in r.stderr
+    assert r.returncode == 3 and "non-finite" in r.stderr and ".flac" in r.stderr
     last = checkpoint.load_latest(tmp_path)
     assert last is not None and all(torch.isfinite(v).all() for v in last["model"].values()
                                     if v.is_floating_point())

@@ -239,17 +239,21 @@ def train(args) -> int:
             model.train()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 loss, terms = _loss(ddp, model, batch, device)
-            if not torch.isfinite(loss):
-                msg = (f"non-finite loss {loss.item()} at step {step + 1}; stopping. The last good "
+            bad = None if torch.isfinite(loss) else f"non-finite loss {loss.item()}"
+            if bad is None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                if not torch.isfinite(grad_norm):     # a finite loss can still overflow a gradient
+                    bad = f"non-finite gradient norm {grad_norm.item()}"
+            if bad:
+                msg = (f"{bad} at step {step + 1}; stopping before the update. The last good "
                        f"checkpoint is intact: lower train.lr or check the data of this batch: "
                        f"{sorted({train_set.utterances[i].path for i in batch.files})}")
                 log.close_message(msg)
                 print(f"error: {msg}", file=sys.stderr)
                 exit_code = 3
                 break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
             sched.step()
             step += 1                                                  # data position is t + 1 now

@@ -57,6 +57,11 @@ class VQBottleneck(nn.Module):
         self.dead_threshold, self.eps = dead_threshold, 1e-5
         embed = torch.randn(m.n_codes, m.n_latent) * 0.1
         self.register_buffer("initialized", torch.tensor(False))
+        # training forwards so far (a buffer: checkpoints carry it); mirrored in a Python int so that
+        # the warm-up test costs no device sync per step
+        self.warmup = m.vq_warmup_steps
+        self.register_buffer("steps_seen", torch.tensor(0, dtype=torch.long))
+        self._steps: int | None = None
         if self.decay > 0:
             self.register_buffer("codebook", embed)
             self.register_buffer("ema_count", torch.ones(m.n_codes))
@@ -70,8 +75,27 @@ class VQBottleneck(nn.Module):
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1)
         return d.argmin(dim=1).view(z_e.shape[0], z_e.shape[2])
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = None
+
+    def in_warmup(self, training: bool = False) -> bool:
+        """Whether a forward now leaves the latents unquantised: the first `warmup` training forwards,
+        and evaluation until the training forward after them has initialised the codebook."""
+        if self._steps is None:
+            self._steps = int(self.steps_seen)
+        return self._steps < self.warmup if training else (self.warmup > 0 and self._steps <= self.warmup)
+
     def forward(self, h: torch.Tensor):
         z_e = self.proj(h)
+        warm = self.in_warmup(self.training)
+        if self.training:
+            self._steps += 1
+            self.steps_seen.add_(1)
+        if warm:
+            # a plain autoencoder first: the decoder learns to rely on the latents before they are
+            # quantised (from then on the codebook starts from encoder outputs that carry content)
+            return z_e, {"loss_commit": z_e.new_zeros(()), "latent_norm": z_e.detach().norm(dim=1).mean()}
         if self.training and not self.initialized:
             self._init_from(z_e.detach())
         codes = self.quantize(z_e.detach())
