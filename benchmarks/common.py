@@ -84,6 +84,16 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> st
     return "\n".join(lines)
 
 
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """rows: dicts; columns: (key, header). Cells formatted as in format_table; a tuple is shown
+    as `a / b` (e.g. a measure on latents / on MFCCs)."""
+    def cell(v) -> str:
+        return " / ".join(_fmt(x) for x in v) if isinstance(v, tuple) else _fmt(v)
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"

@@ -7,5 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -m pip install torch==2.14.1 setuptools wheel ninja
-MAX_JOBS=${MAX_JOBS:-2} python -m pip install --no-build-isolation -e ".[test]"
+MAX_JOBS=${MAX_JOBS:-2} python -m pip install --no-build-isolation -e ".[test,abx]"
+# ABX scoring (zerospeech-libriabx2): without dependencies, else torchaudio's wheel would replace our
+# torch (see the `abx` extra in pyproject.toml)
+python -m pip install --no-deps torchaudio==2.11.0
+python -m pip install --no-deps --no-build-isolation zerospeech-libriabx2==0.9.8
 WAVENET_AE_REQUIRE_EXT=1 python -m pytest -q tests
