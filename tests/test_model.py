@@ -73,6 +73,24 @@ def test_vae_kl_is_zero_at_the_prior_and_positive_elsewhere():
     assert t["loss_kl"] > 0 and t["active_dims"] == 4
 
 
+def test_vae_free_bits_leave_small_kl_unpenalised():
+    torch.manual_seed(0)
+    m = ModelConfig(n_enc=8, n_latent=4, bottleneck="vae", vae_free_bits=0.5)
+    bn = VAEBottleneck(m).eval()
+    with torch.no_grad():
+        bn.proj.weight.zero_()
+        bn.proj.bias.zero_()
+        bn.proj.bias[0] = 2.0                  # dim 0: mu = 2, KL 2 nats per frame; dims 1-3: KL 0
+    h = torch.randn(2, 8, 6, requires_grad=True)
+    _, t = bn(h)
+    # KL per dim [2, 0, 0, 0] -> penalised [2, .5, .5, .5] nats per frame, per wav sample / hop
+    assert t["loss_kl"].item() == pytest.approx((2.0 + 3 * 0.5) / m.hop, rel=1e-5)
+    assert t["kl_per_sample"].item() == pytest.approx(2.0 / m.hop, rel=1e-5)
+    t["loss_kl"].backward()
+    g = bn.proj.bias.grad
+    assert g[0] > 0 and torch.all(g[1:4] == 0)   # only the dimension above its free bits is pulled
+
+
 def test_vq_picks_nearest_code_and_passes_gradient_straight_through():
     torch.manual_seed(0)
     m = ModelConfig(n_enc=8, n_latent=4, n_codes=16, bottleneck="vqvae")

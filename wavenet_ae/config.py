@@ -40,6 +40,9 @@ class ModelConfig:
     # before the codebook is initialised from encoder outputs and quantisation starts; see `tiny`.
     vq_warmup_steps: int = 0
     vae_kl_weight: float = 1.0
+    # free bits: each latent dimension's KL (nats per frame, batch mean) below this is not penalised,
+    # so the prior cannot switch dimensions off (0 = the plain KL term)
+    vae_free_bits: float = 0.0
     # decoder conditioning
     jitter_prob: float = 0.12
     n_lc_kern: int = 3          # Conv3 at 50 Hz before upsampling
@@ -94,6 +97,7 @@ class ModelConfig:
         need(self.n_kern >= 2, "n_kern must be >= 2")
         need(0.0 <= self.jitter_prob <= 1.0, "jitter_prob must lie in [0, 1]")
         need(self.vq_warmup_steps >= 0, "vq_warmup_steps must be >= 0")
+        need(self.vae_free_bits >= 0, "vae_free_bits must be >= 0")
         need(self.n_quant >= 2, "n_quant must be >= 2")
 
 

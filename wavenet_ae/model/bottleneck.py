@@ -33,7 +33,7 @@ class VAEBottleneck(nn.Module):
     def __init__(self, m: ModelConfig):
         super().__init__()
         self.proj = nn.Conv1d(m.n_enc, 2 * m.n_latent, 1, bias=m.bias)
-        self.kl_weight = m.vae_kl_weight
+        self.kl_weight, self.free_bits = m.vae_kl_weight, m.vae_free_bits
         self.hop = m.hop
 
     def forward(self, h: torch.Tensor):
@@ -41,10 +41,12 @@ class VAEBottleneck(nn.Module):
         logvar = logvar.clamp(-30.0, 20.0)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
         kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)      # (B, C, M) nats
-        kl_per_dim = kl_dim.detach().mean(dim=(0, 2))
+        kl_per_dim = kl_dim.mean(dim=(0, 2))                            # nats per frame
         # nats per latent frame / samples per frame = nats per wav sample, comparable to the CE
-        kl = kl_dim.sum(dim=1).mean() / self.hop
-        return z, {"loss_kl": self.kl_weight * kl, "kl_per_sample": kl.detach(),
+        kl = kl_per_dim.sum() / self.hop
+        penalised = kl_per_dim.clamp(min=self.free_bits).sum() / self.hop if self.free_bits > 0 else kl
+        kl_per_dim = kl_per_dim.detach()
+        return z, {"loss_kl": self.kl_weight * penalised, "kl_per_sample": kl.detach(),
                    "kl_per_dim": kl_per_dim, "active_dims": (kl_per_dim > 0.01).sum(),
                    "latent_norm": z.detach().norm(dim=1).mean()}
 
