@@ -170,6 +170,8 @@ def test_vq_warmup_trains_unquantised_then_starts_the_codebook_from_encoder_outp
         z_e = b.proj(h).detach().transpose(1, 2).reshape(-1, 4)
         assert torch.cdist(b.codebook, z_e).min(1).values.max() < 0.5
     assert int(bn.steps_seen) == int(resumed.steps_seen) == 4
+    old = {k: v for k, v in bn.state_dict().items() if k != "steps_seen"}   # a checkpoint from before
+    VQBottleneck(ModelConfig(n_enc=4, n_latent=4, n_codes=8, bottleneck="vqvae")).load_state_dict(old)
 
 
 def test_jitter_replaces_only_by_neighbours():

@@ -77,8 +77,10 @@ class VQBottleneck(nn.Module):
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1)
         return d.argmin(dim=1).view(z_e.shape[0], z_e.shape[2])
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the warm-up existed have no step count (their configs no warm-up)
+        state_dict.setdefault(prefix + "steps_seen", self.steps_seen.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._steps = None
 
     def in_warmup(self, training: bool = False) -> bool:
