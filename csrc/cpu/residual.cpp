@@ -7,8 +7,8 @@
 //                                                 written straight into `saved`
 //             one pass: h += b_dil + W_gc g;  a, s = tanh, sigmoid (kept in `saved`);  z = a s
 //                       (z is a tile buffer, never materialised for the whole sequence)
-//             x_out = x (current tap) + b_res;  skip = b_skip      (one pass each)
-//             x_out += W_res z;  skip += W_skip z                  two GEMMs (beta 1) into the outputs
+//             O = [W_res; W_skip] z               one GEMM into a tile buffer
+//             one pass: x_out = x (current tap) + b_res + O_res;  skip = b_skip + O_skip
 //   backward  G_out = [g_xout; g_skip] (tile buffer);  g_z = W_out^T G_out      one GEMM
 //             one pass: z = a s;  g_h = g_z (s (1 - a^2) | a s (1 - s));  row sums of g_h
 //             [W_out | b_out] += G_out [z; 1]^T,  W_in += g_h X^T   two GEMMs into per-thread
@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_layer_fwd_cpu(
   const at::Tensor Wout = output_matrix(G, w_res, w_skip);   // (n_o, nd), n_o = [nr +] ns
   const at::Tensor cb = gate_bias(g_, w_gc, b_dil).contiguous();  // (B, 2nd)
   const at::TensorOptions o = x.options();
-  const int64_t nd2 = 2 * G.nd, Kc = G.kc(), n_res_rows = G.has_res ? G.nr : 0;
+  const int64_t nd2 = 2 * G.nd, Kc = G.kc(), n_res_rows = G.has_res ? G.nr : 0, n_o = n_res_rows + G.ns;
   at::Tensor S = at::empty({G.B, nd2, G.nc}, o);
   at::Tensor x_out = G.has_res ? at::empty({G.B, G.nr, G.n}, o) : at::empty({0}, o);
   at::Tensor skip = at::empty({G.B, G.ns, G.n_out}, o);
@@ -308,9 +308,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_layer_fwd_cpu(
     const T* bs = residual::present(b_skip) ? b_skip->const_data_ptr<T>() : nullptr;
     at::parallel_for(0, ch.n, 1, [&](int64_t c_begin, int64_t c_end) {
       at::AutoDispatchBelowADInplaceOrView below;  // worker threads: no autograd bookkeeping
-      at::Tensor xbuf = at::empty({Kc * kTile}, o), zbuf = at::empty({G.nd * kTile}, o);
+      at::Tensor xbuf = at::empty({Kc * kTile}, o), zbuf = at::empty({G.nd * kTile}, o),
+                 obuf = at::empty({n_o * kTile}, o);
       T* X = xbuf.data_ptr<T>();
       T* z = zbuf.data_ptr<T>();
+      T* op_ = obuf.data_ptr<T>();
       const T* win = Win.const_data_ptr<T>();
       const T* wout = Wout.const_data_ptr<T>();
       for (int64_t c = c_begin; c < c_end; ++c) {
@@ -324,24 +326,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_layer_fwd_cpu(
           gemm<T>(false, false, nd2, tw, Kc, win, Kc, X, tw, T(0), h, G.nc);
           // h += b_dil + W_gc g;  a, s = tanh, sigmoid (kept);  z = a s
           gate_fwd<T>(h, G.nc, cb.const_data_ptr<T>() + b * nd2, G.nd, tw, z);
-          // x_out = x (current tap) + b_res, then += W_res z;  skip = b_skip, then += W_skip z: the
-          // GEMMs accumulate straight into the outputs (no tile buffer, no zeroing pass in the BLAS)
-          if (G.has_res) {
+          // [res; skip] = W_out z  (one GEMM; the residual rows only when no column feeds the skip)
+          const int64_t rows = lo < t0 + tw ? n_o : n_res_rows;
+          if (rows == 0) continue;
+          gemm<T>(false, false, rows, tw, G.nd, wout, G.nd, z, tw, T(0), op_, tw);
+          if (G.has_res) {  // x_out = x (current tap) + b_res + W_res z
             T* xo = x_out.data_ptr<T>() + b * x_out.stride(0) + t0;
             const T* xi = x.const_data_ptr<T>() + b * x.stride(0) + (G.K - 1) * G.d + t0;
             for (int64_t r = 0; r < G.nr; ++r) {
               T* dst = xo + r * G.n;
               const T* src = xi + r * x.stride(1);
+              const T* ov = op_ + r * tw;
               const T bias = br ? br[r] : T(0);
-              for (int64_t t = 0; t < tw; ++t) dst[t] = src[t] + bias;
+              for (int64_t t = 0; t < tw; ++t) dst[t] = src[t] + bias + ov[t];
             }
-            gemm<T>(false, false, G.nr, tw, G.nd, wout, G.nd, z, tw, T(1), xo, G.n);
           }
-          if (lo < t0 + tw) {  // columns that feed the skip output
+          if (rows > n_res_rows) {  // skip = b_skip + W_skip z
             T* sp = skip.data_ptr<T>() + b * skip.stride(0) + (lo - G.cs);
             const int64_t w = t0 + tw - lo;
-            for (int64_t r = 0; r < G.ns; ++r) std::fill(sp + r * G.n_out, sp + r * G.n_out + w, bs ? bs[r] : T(0));
-            gemm<T>(false, false, G.ns, w, G.nd, wout + n_res_rows * G.nd, G.nd, z + (lo - t0), tw, T(1), sp, G.n_out);
+            for (int64_t r = 0; r < G.ns; ++r) {
+              T* dst = sp + r * G.n_out;
+              const T* ov = op_ + (n_res_rows + r) * tw + (lo - t0);
+              const T bias = bs ? bs[r] : T(0);
+              for (int64_t t = 0; t < w; ++t) dst[t] = ov[t] + bias;
+            }
           }
         }
       }
