@@ -150,5 +150,22 @@ struct Chunk {
   int64_t S, t0;
 };
 
+// The chunk of one op call, on the tensors check_problem validated (both engines' host code).
+inline Chunk make_chunk(const at::Tensor& cond, const at::Tensor& u, const std::optional<at::Tensor>& forced,
+                        at::Tensor& queues, at::Tensor& x_prev, at::Tensor& samples, at::Tensor& logits,
+                        bool want_logits, int64_t S, int64_t t0) {
+  Chunk c;
+  c.cond = cond.const_data_ptr<float>();
+  c.u = u.const_data_ptr<float>();
+  c.forced = forced.has_value() ? forced->const_data_ptr<int64_t>() : nullptr;
+  c.queues = queues.data_ptr<float>();
+  c.x_prev = x_prev.data_ptr<int64_t>();
+  c.samples = samples.data_ptr<int64_t>();
+  c.logits = want_logits ? logits.data_ptr<float>() : nullptr;
+  c.S = S;
+  c.t0 = t0;
+  return c;
+}
+
 }  // namespace gen
 }  // namespace wavenet_ae

@@ -410,16 +410,7 @@ std::tuple<at::Tensor, at::Tensor> wavenet_generate_cpu(
   at::Tensor logits = at::empty({want_logits ? pr.B : 0, pr.S, P.dims.n_quant}, cond.options());
   if (pr.B == 0 || pr.S == 0) return {samples, logits};
 
-  Chunk c;
-  c.cond = cond.const_data_ptr<float>();
-  c.u = u.const_data_ptr<float>();
-  c.forced = forced.has_value() ? forced->const_data_ptr<int64_t>() : nullptr;
-  c.queues = queues.data_ptr<float>();
-  c.x_prev = x_prev.data_ptr<int64_t>();
-  c.samples = samples.data_ptr<int64_t>();
-  c.logits = want_logits ? logits.data_ptr<float>() : nullptr;
-  c.S = pr.S;
-  c.t0 = t0;
+  const Chunk c = gen::make_chunk(cond, u, forced, queues, x_prev, samples, logits, want_logits, pr.S, t0);
   const bool avx2 = which == "avx2";
 #if WN_HAVE_X86
   PackedModel M;
