@@ -8,7 +8,8 @@ defaults to the preset's on CUDA and on CPU for `tiny`, 1 for `paper` on CPU). D
 cpu:paper and, when a GPU is visible, cuda:paper:bf16 and cuda:tiny.
 
 One training step as in `wavenet_ae.train`: forward + cross-entropy (+ bottleneck terms), backward,
-gradient clipping, Adam update, on fixed random batches (speed does not depend on the data).
+gradient clipping, Adam update (make_optimizer: fused Adam), with freed memory kept in the process
+(malloc.retain_freed_memory), on fixed random batches (speed does not depend on the data).
   speed   one process per config runs both modes step by step, alternating (ops.USE_FUSED_RESIDUAL
           flipped between steps of the same model), so a busy moment on a shared machine hits both
           modes alike; a mode's time is the median of its steps (min also reported in --json);
@@ -66,10 +67,12 @@ def worker(spec: dict) -> dict:
     """spec["job"] = "time": both modes, alternating step by step; "memory": spec["mode"] alone."""
     import torch
 
-    from wavenet_ae import ops
+    from wavenet_ae import malloc, ops
     from wavenet_ae.config import preset
     from wavenet_ae.model import WaveNetAE
+    from wavenet_ae.train import make_optimizer
 
+    malloc.retain_freed_memory()  # as wavenet_ae.train does
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     dev = torch.device(spec["device"])
@@ -77,7 +80,7 @@ def worker(spec: dict) -> dict:
     B, N = spec["batch"], cfg.data.n_win
     torch.manual_seed(0)
     model = WaveNetAE(cfg.model).to(dev).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = make_optimizer(model, cfg)
     p, m = model.plan(N), cfg.model
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(B, m.n_in, p.n_frames, generator=g).to(dev),

@@ -104,8 +104,8 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(reference, tmp_path, se
     time.sleep(rng.uniform(0, 0.3))
     proc.kill()
     proc.wait()
-    latest = checkpoint.load_latest(tmp_path)          # None (killed before the first) is fine too
-    assert latest is None or latest["step"] % 4 == 0
+    latest = checkpoint.load_latest(tmp_path)  # None (killed before the first) or the final one is fine too
+    assert latest is None or latest["step"] % 4 == 0 or latest["step"] == STEPS
     _run(tmp_path)
     _assert_identical(reference, _final_state(tmp_path))
 

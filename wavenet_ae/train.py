@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, malloc
 from .config import Config, preset
 from .data import DEMO_CORPUS
 from .data.corpus import Corpus, index_corpus, split_corpus
@@ -106,6 +106,13 @@ def lr_lambda(cfg: Config):
     return f
 
 
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Adam:
+    """Adam with torch's fused kernel (CPU and CUDA): one pass over all parameters instead of a loop
+    of small ops per parameter (tiny preset on 2 CPU cores: 1.3 ms a step instead of 4-9 ms)."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                            fused=True)
+
+
 # --- RNG state -------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
@@ -156,6 +163,7 @@ def train(args) -> int:
     run_dir = Path(args.run_dir)
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
+    malloc.retain_freed_memory()  # no page faults in steady-state steps (see malloc.py)
     cfg, is_new = config_for_run(run_dir, args)
     ckpt = None if is_new else checkpoint.load_latest(run_dir)
     torch.manual_seed(cfg.train.seed + rank)
@@ -183,7 +191,7 @@ def train(args) -> int:
         print(f"data: train {train_set.summary()}; valid {len(valid_set.utterances)} files", flush=True)
 
     model = WaveNetAE(cfg.model).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     p = model.plan(cfg.data.n_win)
     buf = SliceBuffer(train_set, cfg.model, p, cfg.data.n_batch, cfg.data.buffer_seconds,
@@ -192,6 +200,8 @@ def train(args) -> int:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # checkpoints of older versions say fused=None; same update either way
+            group["fused"] = opt.defaults["fused"]
         sched.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["step"])
         if len(ckpt["data_position"]) != world:
