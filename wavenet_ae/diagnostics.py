@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from .model.decoder import class_cross_entropy
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def evaluate(model, batches, device="cpu") -> dict:
         for name, zz, ss in (("ce", z, spk), ("ce_shuffled_latents", z.roll(1, 0), spk),
                              ("ce_shuffled_speakers", z, spk.roll(1, 0))):
             logits, _ = model(feats, dec_q, ss, z_override=zz)
-            ce[name] = F.cross_entropy(logits.float(), target).item()
+            ce[name] = class_cross_entropy(logits, target).item()
         for k, v in ce.items():
             sums[k] = sums.get(k, 0.0) + v
         if "codes" in terms:

@@ -5,12 +5,11 @@ import math
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..rfield import WindowPlan, conditioning_layers, plan
 from .bottleneck import make_bottleneck
-from .decoder import Conditioning, WaveNet
+from .decoder import Conditioning, WaveNet, class_cross_entropy
 from .encoder import Encoder
 
 
@@ -68,7 +67,7 @@ class WaveNetAE(nn.Module):
 
     def loss_from(self, logits, terms, dec_q):
         """The loss given forward's outputs (lets a DistributedDataParallel wrapper run forward)."""
-        ce = F.cross_entropy(logits.float(), dec_q[:, self.receptive_field:])
+        ce = class_cross_entropy(logits, dec_q[:, self.receptive_field:])
         total = ce + sum(v for k, v in terms.items() if k.startswith("loss_"))
         terms["ce"] = ce.detach()
         return total, terms

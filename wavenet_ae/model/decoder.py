@@ -73,6 +73,15 @@ class ResidualLayer(nn.Module):
                                   self.dilation, n_out)
 
 
+def class_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(logits.float(), target) for logits (B, n_quant, N) and targets (B, N); over the
+    contiguous rows when the logits are a view of time-major storage (as WaveNet returns them)."""
+    tm = logits.transpose(1, 2)
+    if tm.is_contiguous():
+        return F.cross_entropy(tm.reshape(-1, tm.shape[-1]).float(), target.reshape(-1))
+    return F.cross_entropy(logits.float(), target)
+
+
 class WaveNet(nn.Module):
     """mu-law classes (B, N + R - 1) + conditioning -> logits (B, n_quant, N)."""
 
@@ -97,4 +106,8 @@ class WaveNet(nn.Module):
         for layer in self.layers:
             x, s = layer(x, lc, g, n_out)
             skips = skips + s
-        return self.post2(F.relu(self.post1(F.relu(skips))))
+        h = F.relu(self.post1(F.relu(skips)))
+        # time-major (B, N, n_quant) storage, returned as a (B, n_quant, N) view: the cross-entropy
+        # then runs over contiguous rows (class_cross_entropy), ~2x faster on the CPU than over dim 1
+        logits = F.linear(h.transpose(1, 2), self.post2.weight.squeeze(-1), self.post2.bias)
+        return logits.transpose(1, 2)
