@@ -1,4 +1,4 @@
-"""Training speed and peak memory: fused residual layers vs the PyTorch reference, per device and preset.
+"""Training speed and peak memory: fused decoder kernels vs the PyTorch reference, per device and preset.
 
     python benchmarks/train_speed.py [--configs cpu:tiny,cpu:paper,cuda:paper:bf16] [--steps N]
                                      [--warmup W] [--threads T] [--json]
@@ -10,14 +10,18 @@ cpu:paper and, when a GPU is visible, cuda:paper:bf16 and cuda:tiny.
 One training step as in `wavenet_ae.train`: forward + cross-entropy (+ bottleneck terms), backward,
 gradient clipping, Adam update (make_optimizer: fused Adam), with freed memory kept in the process
 (malloc.retain_freed_memory), on fixed random batches (speed does not depend on the data).
-  speed   one process per config runs both modes step by step, alternating (ops.USE_FUSED_RESIDUAL
-          flipped between steps of the same model), so a busy moment on a shared machine hits both
-          modes alike; a mode's time is the median of its steps (min also reported in --json);
+Modes: reference (PyTorch eager), fused-residual (the fused residual-layer kernels) and fused (those
+and the fused output layer + cross-entropy, ops.linear_cross_entropy; a CPU kernel: on CUDA this mode
+is fused-residual).
+  speed   one process per config runs all modes step by step, alternating (ops.USE_FUSED_RESIDUAL and
+          ops.USE_FUSED_OUTPUT_LOSS flipped between steps of the same model), so a busy moment on a
+          shared machine hits all modes alike; a mode's time is the median of its steps (min also
+          reported in --json);
   memory  each mode in a fresh subprocess of its own (warmup + 2 steps):
           CPU   peak RSS of the process (getrusage ru_maxrss) and its growth over the RSS measured just
                 before the first step (model, optimizer and batches already allocated): "train MB";
           CUDA  torch.cuda.max_memory_allocated over the steps after the first.
-The ratio columns compare fused to the reference of the same config in this run.
+The ratio columns compare each mode to the reference of the same config in this run.
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-MODES = ("reference", "fused")
+MODES = ("reference", "fused-residual", "fused")
+# (ops.USE_FUSED_RESIDUAL, ops.USE_FUSED_OUTPUT_LOSS) of each mode
+MODE_FLAGS = {"reference": (False, False), "fused-residual": (True, False), "fused": (True, True)}
 
 
 def parse_config(text: str) -> dict:
@@ -64,7 +70,7 @@ def rss_bytes() -> int:
 
 
 def worker(spec: dict) -> dict:
-    """spec["job"] = "time": both modes, alternating step by step; "memory": spec["mode"] alone."""
+    """spec["job"] = "time": all modes, alternating step by step; "memory": spec["mode"] alone."""
     import torch
 
     from wavenet_ae import malloc, ops
@@ -96,7 +102,7 @@ def worker(spec: dict) -> dict:
             torch.cuda.synchronize(dev)
 
     def step(i, mode):
-        ops.USE_FUSED_RESIDUAL = mode == "fused"
+        ops.USE_FUSED_RESIDUAL, ops.USE_FUSED_OUTPUT_LOSS = MODE_FLAGS[mode]
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = model.loss(*batches[i % 2])
@@ -202,7 +208,7 @@ def main(argv=None) -> int:
             ("threads", "threads"), ("mode", "mode"), ("step_s", "s/step"), ("samples_per_s", "samples/s"),
             ("speedup", "x ref"), ("peak_mb", "peak MB"), ("train_mb", "train MB"), ("mem_ratio", "mem / ref")]
     print(format_table(rows, cols))
-    print(f"# s/step: median over steps alternating with the other mode in one process. peak MB (a fresh "
+    print(f"# s/step: median over steps alternating with the other modes in one process. peak MB (a fresh "
           f"process per mode): CPU = max RSS, CUDA = max_memory_allocated; train MB (CPU) = peak RSS - RSS "
           f"before the first step. Total {time.time() - t_start:.0f} s.")
     if args.json:

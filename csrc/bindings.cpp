@@ -38,6 +38,12 @@ TORCH_LIBRARY(wavenet_ae, m) {
         "Tensor saved, Tensor w_dil, Tensor? b_dil, Tensor w_lc, Tensor w_gc, Tensor? w_res, Tensor? b_res, "
         "Tensor w_skip, Tensor? b_skip, int dilation, int n_out, bool need_x, bool need_lc, bool need_g) "
         "-> Tensor[]");
+  // The decoder's output layer and cross-entropy, fused (csrc/cpu/output_loss.cpp; the reference is
+  // wavenet_ae/ops.py:linear_cross_entropy_ref): h (B, n_in, N), w (n_quant, n_in), b (n_quant) or
+  // None, target (B, N) int64. Returns the summed loss sum_{b,t} logsumexp(W h + b) - (W h + b)[target]
+  // (0-dim) and, if need_grad, its gradients w.r.t. h, w and b (else empty).
+  m.def("linear_cross_entropy(Tensor h, Tensor w, Tensor? b, Tensor target, bool need_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // How the CPU residual-layer kernel runs in this build ('elementwise=avx2|generic threads=N ...');
   // `like`: any CPU tensor.
   m.def("residual_layer_cpu_info(Tensor like) -> str");

@@ -251,8 +251,9 @@ def _batch(model, n_win, B, seed):
 
 
 def _loss_and_grads(model, batch, fused, seed=0):
-    old = ops.USE_FUSED_RESIDUAL
-    ops.USE_FUSED_RESIDUAL = fused
+    """fused: every fused kernel (residual layers and the output loss); else the PyTorch references."""
+    old = ops.USE_FUSED_RESIDUAL, ops.USE_FUSED_OUTPUT_LOSS
+    ops.USE_FUSED_RESIDUAL = ops.USE_FUSED_OUTPUT_LOSS = fused
     try:
         torch.manual_seed(seed)  # jitter draws the same numbers in both runs
         model.zero_grad()
@@ -260,7 +261,7 @@ def _loss_and_grads(model, batch, fused, seed=0):
         loss.backward()
         return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     finally:
-        ops.USE_FUSED_RESIDUAL = old
+        ops.USE_FUSED_RESIDUAL, ops.USE_FUSED_OUTPUT_LOSS = old
 
 
 @needs_cpu_kernel

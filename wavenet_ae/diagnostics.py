@@ -6,8 +6,6 @@ import math
 
 import torch
 
-from .model.decoder import class_cross_entropy
-
 
 @torch.no_grad()
 def evaluate(model, batches, device="cpu") -> dict:
@@ -26,8 +24,8 @@ def evaluate(model, batches, device="cpu") -> dict:
         ce = {}
         for name, zz, ss in (("ce", z, spk), ("ce_shuffled_latents", z.roll(1, 0), spk),
                              ("ce_shuffled_speakers", z, spk.roll(1, 0))):
-            logits, _ = model(feats, dec_q, ss, z_override=zz)
-            ce[name] = class_cross_entropy(logits, target).item()
+            h, _ = model(feats, dec_q, ss, z_override=zz, head=False)
+            ce[name] = model.decoder.output_loss(h, target).item()
         for k, v in ce.items():
             sums[k] = sums.get(k, 0.0) + v
         if "codes" in terms:

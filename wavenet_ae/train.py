@@ -293,8 +293,8 @@ def train(args) -> int:
 
 def _loss(ddp, model, batch, device):
     feats, dec_q, spk = batch.feats.to(device), batch.dec_q.to(device), batch.speaker.to(device)
-    logits, terms = ddp(feats, dec_q, spk)        # through the DDP wrapper, if any: it syncs gradients
-    return model.loss_from(logits, terms, dec_q)
+    h, terms = ddp(feats, dec_q, spk, head=False)  # through the DDP wrapper, if any: it syncs gradients
+    return model.loss_from(h, terms, dec_q)
 
 
 def _agree(flag: bool, world: int) -> bool:

@@ -9,7 +9,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..rfield import WindowPlan, conditioning_layers, plan
 from .bottleneck import make_bottleneck
-from .decoder import Conditioning, WaveNet, class_cross_entropy
+from .decoder import Conditioning, WaveNet
 from .encoder import Encoder
 
 
@@ -46,9 +46,10 @@ class WaveNetAE(nn.Module):
         return self.conditioning(z)[..., p.lc_crop: p.lc_crop + p.lc_len]
 
     def forward(self, feats: torch.Tensor, dec_q: torch.Tensor, speaker: torch.Tensor,
-                z_override: torch.Tensor | None = None):
+                z_override: torch.Tensor | None = None, head: bool = True):
         """Returns logits (B, n_quant, N) for targets dec_q[:, R:], and the bottleneck terms.
-        `z_override` replaces the latents (e.g. shuffled across utterances for diagnostics)."""
+        `z_override` replaces the latents (e.g. shuffled across utterances for diagnostics).
+        head=False returns the decoder's output-layer input (B, n_post, N) instead, for loss_from."""
         p = self.plan(dec_q.shape[-1] - self.receptive_field)
         if feats.shape[-1] != p.n_frames:
             raise ValueError(f"features have {feats.shape[-1]} frames; a window of N={p.n_win} "
@@ -57,17 +58,18 @@ class WaveNetAE(nn.Module):
         if z_override is not None:
             z = z_override
         lc = self.local_conditioning(z, p)
-        logits = self.decoder(dec_q[:, :-1], lc, self.speaker(speaker))
-        return logits, terms
+        out = self.decoder(dec_q[:, :-1], lc, self.speaker(speaker), head)
+        return out, terms
 
     def loss(self, feats, dec_q, speaker):
         """Total loss and its terms: cross-entropy in nats per sample + weighted bottleneck terms."""
-        logits, terms = self(feats, dec_q, speaker)
-        return self.loss_from(logits, terms, dec_q)
+        h, terms = self(feats, dec_q, speaker, head=False)
+        return self.loss_from(h, terms, dec_q)
 
-    def loss_from(self, logits, terms, dec_q):
-        """The loss given forward's outputs (lets a DistributedDataParallel wrapper run forward)."""
-        ce = class_cross_entropy(logits, dec_q[:, self.receptive_field:])
+    def loss_from(self, h, terms, dec_q):
+        """The loss given forward(..., head=False)'s outputs (lets a DistributedDataParallel wrapper run
+        forward); the output layer and cross-entropy run fused (decoder.output_loss)."""
+        ce = self.decoder.output_loss(h, dec_q[:, self.receptive_field:])
         total = ce + sum(v for k, v in terms.items() if k.startswith("loss_"))
         terms["ce"] = ce.detach()
         return total, terms

@@ -73,15 +73,6 @@ class ResidualLayer(nn.Module):
                                   self.dilation, n_out)
 
 
-def class_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(logits.float(), target) for logits (B, n_quant, N) and targets (B, N); over the
-    contiguous rows when the logits are a view of time-major storage (as WaveNet returns them)."""
-    tm = logits.transpose(1, 2)
-    if tm.is_contiguous():
-        return F.cross_entropy(tm.reshape(-1, tm.shape[-1]).float(), target.reshape(-1))
-    return F.cross_entropy(logits.float(), target)
-
-
 class WaveNet(nn.Module):
     """mu-law classes (B, N + R - 1) + conditioning -> logits (B, n_quant, N)."""
 
@@ -94,10 +85,13 @@ class WaveNet(nn.Module):
         self.post2 = nn.Conv1d(m.n_post, m.n_quant, 1, bias=m.bias)
         self.receptive_field = 1 + (m.n_kern - 1) * sum(m.dilations)
 
-    def forward(self, x_q: torch.Tensor, lc: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return self.forward_embedded(self.embed(x_q).transpose(1, 2), lc, g)
+    def forward(self, x_q: torch.Tensor, lc: torch.Tensor, g: torch.Tensor, head: bool = True) -> torch.Tensor:
+        return self.forward_embedded(self.embed(x_q).transpose(1, 2), lc, g, head)
 
-    def forward_embedded(self, x: torch.Tensor, lc: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def forward_embedded(self, x: torch.Tensor, lc: torch.Tensor, g: torch.Tensor,
+                         head: bool = True) -> torch.Tensor:
+        """Logits (B, n_quant, N); with head=False the input of the output layer (B, n_post, N),
+        for output_loss."""
         n_out = x.shape[-1] - self.receptive_field + 1
         if n_out <= 0:
             raise ValueError(f"decoder input of {x.shape[-1]} samples is shorter than the receptive "
@@ -107,7 +101,14 @@ class WaveNet(nn.Module):
             x, s = layer(x, lc, g, n_out)
             skips = skips + s
         h = F.relu(self.post1(F.relu(skips)))
-        # time-major (B, N, n_quant) storage, returned as a (B, n_quant, N) view: the cross-entropy
-        # then runs over contiguous rows (class_cross_entropy), ~2x faster on the CPU than over dim 1
+        if not head:
+            return h
+        # time-major (B, N, n_quant) storage, returned as a (B, n_quant, N) view: a cross-entropy over
+        # logits.transpose(1, 2) runs over contiguous rows, ~2x faster on the CPU than over dim 1
         logits = F.linear(h.transpose(1, 2), self.post2.weight.squeeze(-1), self.post2.bias)
         return logits.transpose(1, 2)
+
+    def output_loss(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits of h (forward(..., head=False)) against target (B, N):
+        ops.linear_cross_entropy, fused on the CPU (the logits are never stored)."""
+        return ops.linear_cross_entropy(h, self.post2.weight.squeeze(-1), self.post2.bias, target)
