@@ -200,7 +200,7 @@ def train(args) -> int:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        for group in opt.param_groups:  # checkpoints of older versions say fused=None; same update either way
+        for group in opt.param_groups:  # older checkpoints say fused=None: the same Adam, its slower loop
             group["fused"] = opt.defaults["fused"]
         sched.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["step"])
