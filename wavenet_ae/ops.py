@@ -477,6 +477,8 @@ if HAVE_RESIDUAL_KERNELS:
 # fused output layer + cross-entropy (training loss)
 # ---------------------------------------------------------------------------------------------------
 
+from torch.autograd.function import once_differentiable  # noqa: E402
+
 USE_FUSED_OUTPUT_LOSS = True  # set False to run linear_cross_entropy_ref even where a kernel exists
 
 HAVE_OUTPUT_LOSS_KERNELS = _has_kernel("wavenet_ae::linear_cross_entropy", "CPU")
@@ -506,6 +508,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss / count
 
     @staticmethod
+    @once_differentiable  # the saved gradients are constants: no double backward
     def backward(ctx, grad):
         g_h, g_w, g_b = ctx.saved_tensors
         scale = grad / ctx.count
