@@ -28,7 +28,7 @@ TRIM_THRESHOLD = 2**31 - 1
 @functools.cache
 def retain_freed_memory() -> str:
     """Switch glibc malloc to keep freed memory (process-wide, once). Returns what was done:
-    'retain' or why nothing was ('not glibc', ...)."""
+    'retain', or 'unchanged (<why>)' where there is no glibc mallopt or it refused."""
     if not sys.platform.startswith("linux"):
         return f"unchanged ({sys.platform})"
     try:

@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include "blas.h"
+#include "chunks.h"
 #include "simd.h"
 
 namespace wavenet_ae {
@@ -40,6 +41,7 @@ namespace {
 
 using cpu::cpu_has_avx2;
 using cpu::gemm;
+using cpu::make_chunks;
 
 // Samples per tile: the n_quant x kTile logits tile (128 KB for 256 classes) stays in L2.
 constexpr int64_t kTile = 128;
@@ -115,29 +117,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
                 *lo, ", ", *hi, "]");
   }
   const at::TensorOptions o = h.options();
-  const int64_t tiles_per_item = (N + kTile - 1) / kTile, units = B * tiles_per_item;
-  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
+  const int64_t tiles_per_item = (N + kTile - 1) / kTile;
+  const cpu::Chunks ch = make_chunks(B * tiles_per_item);
   // per chunk: [g_W (C x Ci) | g_b (C)] and its loss (double)
   const int64_t acc_len = need_grad ? C * Ci + C : 0;
-  at::Tensor acc = at::zeros({n_chunks, acc_len}, o);
-  std::vector<double> loss_part(n_chunks, 0.0);
+  at::Tensor acc = at::zeros({ch.n, acc_len}, o);
+  std::vector<double> loss_part(ch.n, 0.0);
   at::Tensor g_h = need_grad ? at::empty({B, Ci, N}, o) : at::empty({0}, o);
 
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "linear_cross_entropy_cpu", [&] {
     using T = scalar_t;
     const T* wp = w.const_data_ptr<T>();
     const T* bp = has_b ? b_->const_data_ptr<T>() : nullptr;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    at::parallel_for(0, ch.n, 1, [&](int64_t c_begin, int64_t c_end) {
       at::AutoDispatchBelowADInplaceOrView below;
       at::Tensor lbuf = at::empty({C * kTile + 2 * kTile}, o);
       T* L = lbuf.data_ptr<T>();
       T* m = L + C * kTile;
       T* sum = m + kTile;
-      for (int64_t ch = c_begin; ch < c_end; ++ch) {
-        T* gW = need_grad ? acc.data_ptr<T>() + ch * acc_len : nullptr;
+      for (int64_t k = c_begin; k < c_end; ++k) {
+        T* gW = need_grad ? acc.data_ptr<T>() + k * acc_len : nullptr;
         T* gb = need_grad ? gW + C * Ci : nullptr;
         double loss = 0.0;
-        for (int64_t u = ch * units / n_chunks; u < (ch + 1) * units / n_chunks; ++u) {
+        for (int64_t u = ch.begin(k); u < ch.begin(k + 1); ++u) {
           const int64_t b = u / tiles_per_item, t0 = (u % tiles_per_item) * kTile, tw = std::min(kTile, N - t0);
           const T* ht = h.const_data_ptr<T>() + b * h.stride(0) + t0;
           const int64_t* tg = target.const_data_ptr<int64_t>() + b * N + t0;
@@ -170,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
           gemm<T>(true, false, Ci, tw, C, wp, Ci, L, tw, T(0), g_h.data_ptr<T>() + b * Ci * N + t0, N);
           gemm<T>(false, true, C, Ci, tw, L, tw, ht, h.stride(1), T(1), gW, Ci);
         }
-        loss_part[ch] = loss;
+        loss_part[k] = loss;
       }
     });
   });
@@ -178,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   for (double v : loss_part) loss += v;
   at::Tensor loss_t = at::scalar_tensor(loss, o);
   if (!need_grad) return {loss_t, g_h, at::empty({0}, o), at::empty({0}, o)};
-  const at::Tensor tot = n_chunks == 1 ? acc[0] : acc.sum(0);
+  const at::Tensor tot = ch.n == 1 ? acc[0] : acc.sum(0);
   at::Tensor g_w = tot.narrow(0, 0, C * Ci).view({C, Ci}).clone();
   at::Tensor g_b = has_b ? tot.narrow(0, C * Ci, C).clone() : at::empty({0}, o);
   return {loss_t, g_h, g_w, g_b};

@@ -50,14 +50,17 @@
 #endif
 
 #include "blas.h"
+#include "chunks.h"
 #include "simd.h"
 
 namespace wavenet_ae {
 namespace {
 
 using residual::Geom;
+using cpu::Chunks;
 using cpu::cpu_has_avx2;
 using cpu::gemm;
+using cpu::make_chunks;
 #if WN_HAVE_X86
 using cpu::exp8;
 #endif
@@ -246,16 +249,6 @@ void check_cpu(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors, got x on ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
               ": the CPU kernel supports float32 and float64, got ", x.scalar_type());
-}
-
-// Contiguous chunks of work items, one per thread: results do not depend on thread scheduling.
-struct Chunks {
-  int64_t items, n;
-  int64_t begin(int64_t c) const { return c * items / n; }
-};
-
-Chunks make_chunks(int64_t items) {
-  return {items, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items))};
 }
 
 using residual::input_matrix;
