@@ -8,7 +8,8 @@ import soundfile as sf
 import torch
 
 from wavenet_ae.config import preset
-from wavenet_ae.data.corpus import BadAudioWarning, CorpusError, index_corpus, load_audio
+from wavenet_ae.data.corpus import (BadAudioWarning, CorpusError, CorpusWarning, index_corpus, load_audio,
+                                    split_corpus)
 from wavenet_ae.data.slice_buffer import SliceBuffer
 from wavenet_ae.ops import mu_law_encode
 from wavenet_ae.rfield import plan
@@ -148,3 +149,134 @@ def test_ranks_read_disjoint_files_covering_the_corpus(synth_corpus):
     (f0, w0), (f1, w1) = seen
     assert not f0 & f1 and not w0 & w1
     assert f0 | f1 == set(range(len(corpus.utterances)))
+
+
+def _nan_file(path, seconds=1.0):
+    wav = 0.1 * np.ones(int(seconds * SR), np.float32)
+    wav[len(wav) // 2] = np.nan
+    sf.write(path, wav, SR, subtype="FLOAT")
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_restore_is_exact_after_bad_files_were_met(synth_corpus, prefetch):
+    """The files found bad change which files make up a chunk (and an epoch's tail): the position
+    carries them, so every restore point gives the identical remaining sequence."""
+    m, p = _tiny()
+    root = synth_corpus(n_speakers=3, per_speaker=3, seconds=(0.5, 0.9))
+    _nan_file(root / "spk1" / "nan_a.wav")
+    _nan_file(root / "spk2" / "nan_b.wav", 0.7)
+    kw = dict(prefetch=prefetch, fraction=0.001, buffer_seconds=1.5)
+    with pytest.warns(BadAudioWarning, match=r"nan_[ab]\.wav: NaN/inf samples"):
+        corpus, ref = _buffer(root, m, p, **kw)
+        states, batches = [ref.state()], []
+        for _ in range(45):                   # several epochs
+            batches.append(next(ref))
+            states.append(ref.state())
+    ref.close()
+    assert len({s["epoch"] for s in states}) >= 3 and len(ref.bad) == 2
+    for k in range(len(batches) - 1):
+        _, buf = _buffer(root, m, p, **kw)
+        buf.restore(json.loads(json.dumps(states[k])))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BadAudioWarning)
+            for want in batches[k:k + 4]:
+                got = next(buf)
+                assert (got.files, got.starts) == (want.files, want.starts), f"restore point {k}"
+                assert got.feats.numpy().tobytes() == want.feats.numpy().tobytes()
+        buf.close()
+    assert states[-1]["bad"] == sorted(ref.bad) and len(json.dumps(states[-1])) < 512
+
+
+def test_a_version_1_position_still_restores(synth_corpus):
+    m, p = _tiny()
+    root = synth_corpus()
+    _, ref = _buffer(root, m, p)
+    want = [next(ref) for _ in range(3)]
+    _, buf = _buffer(root, m, p)
+    buf.restore({"version": 1, "seed": 7, "rank": 0, "world_size": 1, "corpus": ref.digest,
+                 "epoch": 0, "cursor": 0, "drawn": 0})
+    assert [next(buf).starts for _ in range(3)] == [b.starts for b in want]
+
+
+def test_a_failing_worker_never_hangs_close(synth_corpus, monkeypatch):
+    """The prefetch worker fails (not a corpus error) while its queue is full: close() returns and the
+    consumer gets the error."""
+    import threading
+    m, p = _tiny()
+    root = synth_corpus()
+    _, buf = _buffer(root, m, p, prefetch=2)
+    real = SliceBuffer._generate
+    delivered = threading.Event()
+
+    def failing(self, position):
+        for i, b in enumerate(real(self, position)):
+            if i == 3:
+                delivered.set()
+                raise RuntimeError("injected failure")
+            yield b
+    monkeypatch.setattr(SliceBuffer, "_generate", failing)
+    next(buf)                                  # worker: batches 1-3, queue (2) full, then the failure
+    assert delivered.wait(10)
+    closer = threading.Thread(target=buf.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "close() hangs on a failed worker with a full queue"
+    _, buf = _buffer(root, m, p, prefetch=2)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        for _ in range(5):
+            next(buf)
+    buf.close()
+
+
+def test_the_worker_leaves_the_warning_filters_alone(synth_corpus):
+    """Warning filters are process-wide: a filter set while the prefetch worker runs survives it."""
+    m, p = _tiny()
+    root = synth_corpus()
+    _, buf = _buffer(root, m, p, prefetch=2)
+    with warnings.catch_warnings():
+        next(buf)
+        warnings.filterwarnings("error", message="sentinel filter")
+        next(buf)
+        buf.close()
+        assert any(f[1] is not None and f[1].pattern == "sentinel filter" for f in warnings.filters)
+
+
+def test_skip_warnings_read_as_one_line(synth_corpus):
+    """As a user's terminal shows them: `warning: skipping PATH: reason`, without Python's echo of the
+    source line that warned."""
+    import subprocess
+    import sys
+    root = synth_corpus(n_speakers=1, per_speaker=2)
+    (root / "spk0" / "broken.wav").write_bytes(b"RIFF\x00\x00garbage")
+    _nan_file(root / "spk0" / "nan.wav")
+    code = ("import sys; from wavenet_ae.data.corpus import index_corpus, load_or_skip; "
+            "c = index_corpus(sys.argv[1], 16000, 1000); [load_or_skip(u.path, 16000) for u in c.utterances]")
+    r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2, r.stderr
+    assert lines[0].startswith(f"warning: skipping {root}/spk0/broken.wav: unreadable")
+    assert lines[1] == f"warning: skipping {root}/spk0/nan.wav: NaN/inf samples"
+
+
+def test_files_the_split_file_leaves_out_are_warned_about(synth_corpus):
+    root = synth_corpus(n_speakers=2, per_speaker=3)
+    rows = ["path\tspeaker\tsplit", "spk0/u0.wav\tspk0\ttrain", "spk0/u1.wav\tspk0\ttrain",
+            "spk1/u0.wav\tspk1\ttrain", "spk1/u1.wav\tspk1\tvalid", "spk1/u2.wav\tspk1\tdev"]
+    (root / "split.tsv").write_text("\n".join(rows) + "\n")
+    corpus = index_corpus(root, SR, 1000)
+    with pytest.warns(CorpusWarning, match=r"2 of 6 files are not used: 1 not listed, 1 under a split other "
+                                           r"than train/valid/test \(dev\); e\.g\. .*spk0/u2.wav"):
+        parts = split_corpus(corpus, root, 0.1)
+    assert len(parts["train"].utterances) == 3 and len(parts["valid"].utterances) == 1
+
+
+def test_feature_stats_skip_files_with_bad_content(synth_corpus):
+    from wavenet_ae.train import feature_stats
+    root = synth_corpus(n_speakers=1, per_speaker=2)
+    _nan_file(root / "spk0" / "nan.wav")
+    cfg = preset("tiny")
+    corpus = index_corpus(root, SR, 1000)
+    with pytest.warns(BadAudioWarning, match="nan.wav: NaN/inf samples"):
+        mean, std = feature_stats(corpus, cfg)
+    assert torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()

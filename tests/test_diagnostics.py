@@ -87,3 +87,57 @@ def test_codebook_stats_of_constant_and_uniform_codes(n_codes):
     assert uniform["bits_per_code"] == pytest.approx(math.log2(n_codes), abs=1e-9)
     quarter = codebook_stats(torch.arange(max(1, n_codes // 4)).repeat(5), n_codes)   # a quarter in use
     assert quarter["perplexity"] == pytest.approx(max(1, n_codes // 4))
+
+
+def test_other_speakers_pairs_every_window_with_a_different_speaker():
+    from wavenet_ae.diagnostics import other_speakers, speaker_ids
+    spk = torch.tensor([0, 0, 1, 1])                       # neighbours share speakers: a roll keeps half
+    ids = speaker_ids([SimpleNamespace(speaker=spk)])
+    assert ids.tolist() == [0, 1] and other_speakers(spk, ids).tolist() == [1, 1, 0, 0]
+    # the cycle runs over the ids present in all batches, in sorted order, with gaps
+    batches = [SimpleNamespace(speaker=torch.tensor([7, 3, 3])), SimpleNamespace(speaker=torch.tensor([12, 12, 7]))]
+    ids = speaker_ids(batches)
+    assert ids.tolist() == [3, 7, 12]
+    got = [other_speakers(b.speaker, ids) for b in batches]
+    assert [g.tolist() for g in got] == [[12, 7, 7], [3, 3, 12]]
+    assert all((g != b.speaker).all() for g, b in zip(got, batches))
+
+
+def _ce(model, b, spk):
+    z, _ = model.encode(b.feats)
+    h, _ = model(b.feats, b.dec_q, spk, z_override=z, head=False)
+    return model.decoder.output_loss(h, b.dec_q[:, model.receptive_field:]).item()
+
+
+def test_speaker_gain_is_measured_against_a_different_speaker_for_every_window():
+    model, batches = _model_and_batches("ae")
+    for b in batches:
+        b.speaker = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        model.speaker.weight[1] = 30 * torch.randn_like(model.speaker.weight[1])   # speaker 1: far off
+    out = evaluate(model, batches)
+    model.eval()
+    with torch.no_grad():
+        true = [_ce(model, b, b.speaker) for b in batches]
+        other = [_ce(model, b, torch.tensor([1, 1, 0, 0])) for b in batches]       # every window swapped
+        rolled = [_ce(model, b, b.speaker.roll(1, 0)) for b in batches]            # half of them kept
+    want = sum(o - t for o, t in zip(other, true)) / len(batches)
+    half = sum(r - t for r, t in zip(rolled, true)) / len(batches)
+    print("speaker gain", out["speaker_gain"], "by hand", want, "with a roll", half)
+    assert abs(want) > 1e-3 and abs(want - half) > 0.2 * abs(want)  # the pairing matters here
+    assert out["speaker_gain"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert out["ce_shuffled_speakers"] == pytest.approx(sum(other) / len(batches), rel=1e-6)
+
+
+def test_speaker_gain_with_a_single_speaker_is_nan_without_its_forward_pass():
+    model, batches = _model_and_batches("vqvae")
+    keys = set(evaluate(model, batches))
+    for b in batches:
+        b.speaker = torch.full_like(b.speaker, 2)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    out = evaluate(model, batches)
+    assert math.isnan(out["speaker_gain"]) and math.isnan(out["ce_shuffled_speakers"])
+    assert set(out) == keys                                  # the same keys as with several speakers
+    assert math.isfinite(out["conditioning_gain"]) and math.isfinite(out["ce"])
+    assert len(calls) == 2 * len(batches)                    # true and shuffled latents only

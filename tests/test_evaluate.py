@@ -110,16 +110,33 @@ def test_abx_without_the_package_is_skipped_with_a_warning(monkeypatch):
 
 
 def test_evaluate_writes_the_report(tmp_path):
+    """On the demo corpus plus two files whose content is NaN (one in training, one held out): training
+    and evaluation skip them with the corpus warning and report on the rest."""
+    import shutil
+    import soundfile as sf
+    from wavenet_ae.data import DEMO_CORPUS
+    corpus = tmp_path / "corpus"
+    shutil.copytree(DEMO_CORPUS, corpus)
+    bad = 0.1 * np.ones(32000, np.float32)
+    bad[1000] = np.nan
+    for name in ("kal/kal_nan_train.wav", "ked/ked_nan_test.wav"):
+        sf.write(corpus / name, bad, 16000, subtype="FLOAT")
+    with open(corpus / "split.tsv", "a") as fh:
+        fh.write("kal/kal_nan_train.wav\tkal\ttrain\nked/ked_nan_test.wav\tked\ttest\n")
     run = tmp_path / "run"
     small = ["n_enc=24", "n_latent=8", "n_codes=32", "n_res=12", "n_dil=12", "n_skp=24", "n_post=24",
              "n_lc_out=16", "n_block_layers=6", "n_batch=4", "validate_every=20", "vq_warmup_steps=5"]
     r = subprocess.run([sys.executable, "-m", "wavenet_ae.train", "--run-dir", str(run), "--preset", "tiny",
-                        "--max-steps", "20", "--set", *small], capture_output=True, text=True, timeout=600)
+                        "--data", str(corpus), "--max-steps", "20", "--set", *small],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "wavenet_ae.evaluate", "--run-dir", str(run), "--n-resynth", "1",
-                        "--seconds", "0.5"], capture_output=True, text=True, timeout=600)
+    assert f"warning: skipping {corpus}/kal/kal_nan_train.wav: NaN/inf samples" in r.stderr.splitlines()
+    r = subprocess.run([sys.executable, "-m", "wavenet_ae.evaluate", "--run-dir", str(run), "--data", str(corpus),
+                        "--n-resynth", "1", "--seconds", "0.5"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"warning: skipping {corpus}/ked/ked_nan_test.wav: NaN/inf samples" in r.stderr.splitlines()
     rep = json.loads((run / "report" / "report.json").read_text())
+    assert rep["n_held_out_files"] == 12                            # the demo corpus's, not the NaN one
     for k in ("phone_latents", "phone_mfcc", "speaker_latents", "speaker_mfcc"):
         assert 0.0 <= rep["probe_accuracy"][k] <= 1.0
     assert rep["probe_accuracy"]["speaker_mfcc"] > 1.5 / 6          # MFCCs tell 6 voices apart

@@ -260,3 +260,43 @@ def test_signal_conditioning_equals_the_training_windows():
             lw, _ = model(torch.from_numpy(f)[None], dq, torch.tensor([1]))
             lf = model.decoder(dq[:, :-1], lc_full[..., t0 - lc_back + R: t0 + p.n_win + R], g)
         assert (lw - lf).abs().max() < 1e-4
+
+
+def test_vq_reports_dead_codes_before_restarting_them():
+    torch.manual_seed(0)
+    m = ModelConfig(n_enc=4, n_latent=4, n_codes=8, bottleneck="vqvae", vq_ema_decay=0.5, vq_warmup_steps=0)
+    bn = VQBottleneck(m).train()
+    with torch.no_grad():
+        bn.proj.weight.copy_(torch.eye(4)[:, :, None])
+        bn.proj.bias.zero_()
+    bn.initialized.fill_(True)                 # test the EMA alone, not the data-dependent init
+    bn.ema_count.fill_(0.01)                   # every code nearly unused so far
+    h = torch.randn(2, 4, 50) + 5.0            # all far from the initial codebook (~0): few codes used
+    _, t = bn(h)
+    used = int(t["codes_used"])
+    # after this batch's EMA step every code the batch did not use is below the threshold (0.005)
+    assert t["dead_codes"].dim() == 0 and t["codes_restarted"].dim() == 0
+    assert int(t["dead_codes"]) == m.n_codes - used > 0
+    assert int(t["codes_restarted"]) == int(t["dead_codes"])
+    assert int((bn.ema_count < bn.dead_threshold).sum()) == 0          # all of them were restarted
+    _, t = bn(h)                               # restarted codes start at count 1: none dead now
+    assert int(t["dead_codes"]) == 0 and int(t["codes_restarted"]) == 0
+
+
+def test_vq_without_restart_reports_dead_codes_and_restarts_none():
+    m = ModelConfig(n_enc=4, n_latent=4, n_codes=8, bottleneck="vqvae", vq_ema_decay=0.5,
+                    vq_dead_restart=False, vq_warmup_steps=0)
+    bn = VQBottleneck(m).train()
+    bn.initialized.fill_(True)
+    bn.ema_count.fill_(0.01)
+    _, t = bn(torch.randn(2, 4, 50))
+    assert int(t["dead_codes"]) == m.n_codes - int(t["codes_used"])
+    assert int(t["codes_restarted"]) == 0
+    assert int((bn.ema_count < bn.dead_threshold).sum()) == int(t["dead_codes"])
+
+
+def test_dead_code_restart_with_a_gradient_learned_codebook_is_refused():
+    with pytest.raises(ValueError, match="set vq_dead_restart=false for a gradient-learned codebook"):
+        ModelConfig(bottleneck="vqvae", vq_ema_decay=0.0).validate()
+    ModelConfig(bottleneck="vqvae", vq_ema_decay=0.0, vq_dead_restart=False).validate()
+    ModelConfig(bottleneck="vqvae").validate()                        # the defaults: EMA + restart

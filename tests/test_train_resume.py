@@ -177,3 +177,43 @@ def test_two_process_gloo_training_checkpoints_every_rank_and_resumes(tmp_path):
     # a single process cannot silently continue a 2-process run
     r = subprocess.run(_cmd(tmp_path, "--max-steps", "8"), env=_env(), capture_output=True, text=True)
     assert r.returncode != 0 and "same world size" in r.stderr
+
+
+def test_a_corpus_of_bad_files_is_one_clear_line(tmp_path):
+    """Headers fine, content NaN: every file is skipped with its warning line and the run exits non-zero
+    with one error line, not a traceback."""
+    import numpy as np
+    import soundfile as sf
+    for s in range(2):
+        (tmp_path / "corpus" / f"spk{s}").mkdir(parents=True)
+        wav = 0.1 * np.ones(16000, np.float32)
+        wav[100] = np.nan
+        sf.write(tmp_path / "corpus" / f"spk{s}" / "u0.wav", wav, 16000, subtype="FLOAT")
+    r = subprocess.run(_cmd(tmp_path / "run", "--data", str(tmp_path / "corpus")),
+                       env=_env(PYTHONWARNINGS="default"), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "could be loaded" in lines[-1], r.stderr[-3000:]
+    for s in range(2):
+        assert f"warning: skipping {tmp_path}/corpus/spk{s}/u0.wav: NaN/inf samples" in lines
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+def test_config_and_speakers_are_written_atomically_and_only_when_they_change(tmp_path):
+    run = tmp_path / "run"
+    cmd = _cmd(run)
+    cmd[cmd.index("--max-steps") + 1] = "2"
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=600)
+    files = [run / "config.json", run / "speakers.json"]
+    before = [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
+    time.sleep(0.05)
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=600)     # nothing changed
+    assert [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files] == before
+    cmd[cmd.index("--max-steps") + 1] = "3"                                             # a safe change
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=600)
+    assert json.loads(files[0].read_text())["train"]["max_steps"] == 3
+    assert files[0].stat().st_ino != before[0][0]          # replaced by a rename, never rewritten in place
+    assert (files[1].stat().st_ino, files[1].stat().st_mtime_ns) == before[1]
+    assert not list(run.glob(".*tmp*"))
+

@@ -3,8 +3,14 @@
 A file is `MAGIC + sha256(payload) + payload`, payload = `torch.save` of a dict of tensors and plain
 Python values (loadable with `weights_only=True`). Writing goes to a temporary file in the same
 directory, which is flushed, fsync'ed and renamed over the target, then the directory is fsync'ed;
-older checkpoints are pruned only after that. A truncated or corrupt file fails the hash check on
-load and the loader falls back to the previous checkpoint with a warning.
+older checkpoints are pruned only after that, and only ones that verify: a damaged file is never
+deleted by pruning nor counted towards `keep` (it is left for inspection, with a warning). A
+truncated or corrupt file fails the hash check on load and the loader falls back to the previous
+checkpoint with a warning; if checkpoint files exist but none verifies, loading is a
+`CheckpointError` (never a silent restart from step 0).
+
+`list_checkpoints` and `newest_loadable` are the one listing and the one newest-that-loads of the
+package (`run_dir.load_run` uses them too).
 """
 from __future__ import annotations
 
@@ -15,11 +21,15 @@ import re
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 MAGIC = b"WAVENET_AE_CKPT1\n"
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+_HEAD = len(MAGIC) + 32
+
+_warned_damaged: set[Path] = set()      # damaged files save() has already warned about (warn once)
 
 
 class CheckpointError(RuntimeError):
@@ -31,11 +41,12 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete-looking checkpoint files, oldest first."""
+    """(step, path) of the `step-NNNNNNNN.pt` files (temporary files of an interrupted save are not
+    listed), oldest first. Whether they verify is not checked here."""
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), d / n) for n in os.listdir(d) if (m := _NAME.match(n))]
+    found = [(int(m.group(1)), d / n) for n in os.listdir(d) if (m := _NAME.match(n)) and (d / n).is_file()]
     return sorted(found)
 
 
@@ -47,6 +58,62 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def verify(path: str | Path) -> bool:
+    """Whether `path` is a complete wavenet_ae checkpoint whose payload matches its sha256 (the file is
+    read in chunks; nothing is unpickled)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_HEAD)
+            if len(head) < _HEAD or not head.startswith(MAGIC):
+                return False
+            h = hashlib.sha256()
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return False
+    return h.digest() == head[len(MAGIC):]
+
+
+def _prune(d: Path, new_step: int, keep: int) -> None:
+    """Delete verified checkpoints older than the one just written (`new_step`, verified by construction)
+    beyond the newest `keep` verified ones. Walks newest to oldest; files newer than `new_step` are left
+    alone unread; damaged files are kept, uncounted, and reported once."""
+    good, damaged = 1, []
+    for step, path in reversed(list_checkpoints(d.parent)):
+        if step >= new_step:
+            continue
+        if not verify(path):
+            damaged.append(path)
+        elif good < keep:
+            good += 1
+        else:
+            path.unlink(missing_ok=True)
+    new = [p for p in damaged if p not in _warned_damaged]
+    if new:
+        _warned_damaged.update(new)
+        warnings.warn(f"{len(damaged)} damaged checkpoint file(s) in {d} fail their checksum and are kept "
+                      f"for inspection (not pruned, not counted towards keep={keep}): "
+                      f"{', '.join(p.name for p in sorted(damaged))}")
+
+
+def atomic_write(path: str | Path, parts: bytes | list[bytes], pause: float = 0.0) -> None:
+    """Write `path` so that it is either the old file or the complete new one: a temporary file in
+    the same directory (`.NAME.tmp-PID`), flushed, fsync'ed and renamed over it, then the directory
+    fsync'ed. `pause` seconds between the parts: a test hook for killing a process mid-write."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        for i, part in enumerate([parts] if isinstance(parts, bytes) else parts):
+            if i and pause:
+                fh.flush()
+                time.sleep(pause)
+            fh.write(part)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def save(run_dir: str | Path, step: int, state: dict, keep: int = 3) -> Path:
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -54,22 +121,11 @@ def save(run_dir: str | Path, step: int, state: dict, keep: int = 3) -> Path:
     torch.save(state, buf)
     payload = buf.getvalue()
     target = d / f"step-{step:08d}.pt"
-    tmp = d / f".{target.name}.tmp-{os.getpid()}"
+    half = len(payload) // 2
     delay = float(os.environ.get("WAVENET_AE_TEST_CKPT_DELAY", "0"))   # lets tests kill mid-write
-    with open(tmp, "wb") as fh:
-        fh.write(MAGIC + hashlib.sha256(payload).digest())
-        half = len(payload) // 2
-        fh.write(payload[:half])
-        if delay:
-            fh.flush()
-            time.sleep(delay)
-        fh.write(payload[half:])
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(d)
-    for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
+    atomic_write(target, [MAGIC + hashlib.sha256(payload).digest() + payload[:half], payload[half:]], delay)
+    if keep > 0:
+        _prune(d, step, keep)
     for stale in d.glob(".step-*.tmp-*"):           # left by a process killed mid-write
         if not stale.name.endswith(f"-{os.getpid()}"):
             stale.unlink(missing_ok=True)
@@ -79,20 +135,45 @@ def save(run_dir: str | Path, step: int, state: dict, keep: int = 3) -> Path:
 def load_file(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     data = path.read_bytes()
-    head = len(MAGIC) + 32
-    if len(data) < head or not data.startswith(MAGIC):
+    if len(data) < _HEAD or not data.startswith(MAGIC):
         raise CheckpointError(f"{path}: not a wavenet_ae checkpoint (bad header)")
-    digest, payload = data[len(MAGIC):head], data[head:]
+    digest, payload = data[len(MAGIC):_HEAD], data[_HEAD:]
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: corrupt or truncated (checksum mismatch)")
     return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
 
 
-def load_latest(run_dir: str | Path, map_location="cpu") -> dict | None:
-    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
-    for step, path in reversed(list_checkpoints(run_dir)):
+def newest_loadable(run_dir: str | Path, load: Callable[[Path], dict] | None = None,
+                    warn_category: type[Warning] = UserWarning) -> tuple[int, Path, dict] | None:
+    """(step, path, state) of the newest checkpoint that `load` (default: `load_file`) reads; a file it
+    rejects with `CheckpointError` is reported with a warning and the previous one tried.
+
+    None when there is no checkpoint file at all (a fresh run). A `CheckpointError` when there are
+    checkpoint files but none of them loads: silently starting over would throw the run away."""
+    load = load or load_file
+    found = list_checkpoints(run_dir)
+    errors = []
+    for i in range(len(found) - 1, -1, -1):
+        step, path = found[i]
         try:
-            return load_file(path, map_location)
+            return step, path, load(path)
         except CheckpointError as e:
-            warnings.warn(f"{e}; falling back to the previous checkpoint")
-    return None
+            errors.append(e)
+            then = (f"falling back to the previous checkpoint {found[i - 1][1].name}" if i > 0
+                    else "no earlier checkpoint")
+            warnings.warn(f"{e}; {then}", warn_category, stacklevel=2)
+    if not found:
+        return None
+    d = checkpoint_dir(run_dir)
+    why = "; ".join(" ".join(str(e).replace(f"{d}{os.sep}", "").split()) for e in errors)
+    n = len(found)
+    raise CheckpointError(f"none of the {n} checkpoint{'s' * (n != 1)} in {d} verifies ({why}); refusing to "
+                          f"start over: to train from step 0, move {d} away (or delete it) or use a new "
+                          f"--run-dir")
+
+
+def load_latest(run_dir: str | Path, map_location="cpu") -> dict | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped. None if there is no
+    checkpoint file; `CheckpointError` if there are some but none verifies."""
+    found = newest_loadable(run_dir, lambda p: load_file(p, map_location))
+    return None if found is None else found[2]

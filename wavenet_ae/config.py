@@ -23,6 +23,11 @@ class ModelConfig:
     mfcc_win: int = 400         # 25 ms analysis window (samples)
     mfcc_hop: int = 160         # 10 ms hop -> 100 Hz frames
     delta_width: int = 9        # librosa.feature.delta width (odd)
+    # Floor of the log-mel power in dB (re 1.0): an absolute floor keeps every feature frame a function
+    # of its own samples. None = librosa's default, a floor at 80 dB below the max of the *whole array*
+    # the features are computed on, which makes a window's features depend on its batch-mates; only
+    # runs made before this key existed use it (`Config.from_dict` fills None in for them).
+    mfcc_floor_db: float | None = -100.0
     # encoder (paper Figure 1): conv3, conv3 (residual), strided conv, conv3, conv3 (residual), FC stack
     n_enc: int = 768
     enc_kern: int = 3
@@ -85,6 +90,8 @@ class ModelConfig:
                 raise ValueError(f"invalid model config: {msg}")
 
         need(self.bottleneck in BOTTLENECKS, f"bottleneck={self.bottleneck!r} not in {BOTTLENECKS}")
+        need(self.mfcc_floor_db is None or (math.isfinite(self.mfcc_floor_db) and self.mfcc_floor_db < 0),
+             f"mfcc_floor_db={self.mfcc_floor_db} must be a finite negative dB value (or null)")
         need(self.delta_width % 2 == 1 and self.delta_width >= 3, "delta_width must be odd and >= 3")
         need(self.mfcc_win >= self.mfcc_hop, "mfcc_win must be >= mfcc_hop")
         need(len(self.lc_upsample_strides) == len(self.lc_upsample_kern_sizes),
@@ -97,6 +104,10 @@ class ModelConfig:
         need(self.n_kern >= 2, "n_kern must be >= 2")
         need(0.0 <= self.jitter_prob <= 1.0, "jitter_prob must lie in [0, 1]")
         need(self.vq_warmup_steps >= 0, "vq_warmup_steps must be >= 0")
+        need(not (self.bottleneck == "vqvae" and self.vq_ema_decay == 0 and self.vq_dead_restart),
+             "vq_dead_restart=true needs the EMA codebook (vq_ema_decay > 0): with vq_ema_decay=0 the "
+             "codebook is learnt by gradient and has no usage counts to restart dead codes from; set "
+             "vq_dead_restart=false for a gradient-learned codebook")
         need(self.vae_free_bits >= 0, "vae_free_bits must be >= 0")
         need(self.n_quant >= 2, "n_quant must be >= 2")
 
@@ -158,7 +169,10 @@ class Config:
             if f.name not in d:
                 continue
             sub_cls = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}.get(f.name)
-            kw[f.name] = _build(sub_cls, d[f.name], f.name) if sub_cls else d[f.name]
+            sub = d[f.name]
+            if f.name == "model" and "mfcc_floor_db" not in sub:
+                sub = {**sub, "mfcc_floor_db": None}    # stored before local features: keep its definition
+            kw[f.name] = _build(sub_cls, sub, f.name) if sub_cls else sub
         return cls(**kw)
 
     @classmethod

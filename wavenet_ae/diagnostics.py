@@ -7,14 +7,30 @@ import math
 import torch
 
 
+def speaker_ids(batches) -> torch.Tensor:
+    """The sorted set of speaker ids present across all the batches."""
+    return torch.unique(torch.cat([b.speaker.flatten().cpu() for b in batches]))
+
+
+def other_speakers(spk: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each speaker of `spk` replaced by the next id of `ids` (sorted, containing every id of `spk`) in
+    cyclic order: deterministic, and always a different speaker when `ids` has two or more."""
+    ids = ids.to(spk.device)
+    return ids[(torch.searchsorted(ids, spk) + 1) % len(ids)]
+
+
 @torch.no_grad()
 def evaluate(model, batches, device="cpu") -> dict:
     """Mean over batches of: ce (nats/sample), ce_shuffled_latents, ce_shuffled_speakers, and
     conditioning_gain / speaker_gain (shuffled minus true). Latents are shuffled by rolling the
-    batch by one, which pairs each window with another utterance's latents."""
+    batch by one, which pairs each window with another utterance's latents. Speakers are replaced by
+    `other_speakers` (the next speaker id present in the batches, cyclically), so that every window is
+    paired with a different speaker; with a single speaker present the speaker gain cannot be measured
+    and ce_shuffled_speakers and speaker_gain are NaN."""
     was_training = model.training
     model.eval()
     R = model.receptive_field
+    ids = speaker_ids(batches) if len(batches) else torch.zeros(0, dtype=torch.long)
     sums: dict[str, float] = {}
     codes, kl_dims = [], []
     for b in batches:
@@ -22,8 +38,10 @@ def evaluate(model, batches, device="cpu") -> dict:
         z, terms = model.encode(feats)
         target = dec_q[:, R:]
         ce = {}
-        for name, zz, ss in (("ce", z, spk), ("ce_shuffled_latents", z.roll(1, 0), spk),
-                             ("ce_shuffled_speakers", z, spk.roll(1, 0))):
+        runs = [("ce", z, spk), ("ce_shuffled_latents", z.roll(1, 0), spk)]
+        if len(ids) >= 2:
+            runs.append(("ce_shuffled_speakers", z, other_speakers(spk, ids)))
+        for name, zz, ss in runs:
             h, _ = model(feats, dec_q, ss, z_override=zz, head=False)
             ce[name] = model.decoder.output_loss(h, target).item()
         for k, v in ce.items():
@@ -35,6 +53,7 @@ def evaluate(model, batches, device="cpu") -> dict:
     model.train(was_training)
     n = max(1, len(batches))
     out = {k: v / n for k, v in sums.items()}
+    out.setdefault("ce_shuffled_speakers", float("nan"))             # one speaker: not measurable
     out["conditioning_gain"] = out["ce_shuffled_latents"] - out["ce"]
     out["speaker_gain"] = out["ce_shuffled_speakers"] - out["ce"]
     if codes:

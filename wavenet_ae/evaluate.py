@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.corpus import load_audio
+from .data.corpus import CorpusError, load_or_skip
 from .data.slice_buffer import fixed_batches
 from .diagnostics import codebook_stats, evaluate as held_out_loss
 from .encode import encode_signal
@@ -61,10 +61,11 @@ def label_at(alignment, times: np.ndarray) -> list:
             for k, i in enumerate(idx)]
 
 
-def utterance_frames(model, path: str, speaker: str) -> tuple[Frames, Frames, np.ndarray | None]:
-    """(latent frames, MFCC frames, VQ codes) of one file."""
+def utterance_frames(model, wav: np.ndarray, path: str,
+                     speaker: str) -> tuple[Frames, Frames, np.ndarray | None]:
+    """(latent frames, MFCC frames, VQ codes) of one file's audio `wav` (its alignment is read
+    beside `path`)."""
     m = model.cfg
-    wav = load_audio(path, m.sample_rate)
     z, codes = encode_signal(model, wav)
     tz = (np.arange(len(z)) + 0.5) * m.hop / m.sample_rate
     mf = mfcc_features(wav, m).T
@@ -254,9 +255,15 @@ def run_evaluation(run_dir: str, data: str | None = None, n_resynth: int = 2, se
     if not test.utterances:
         raise SystemExit("error: no held-out files to evaluate on")
     step = max(1, len(train.utterances) // max_train_files)
-    train_files = train.utterances[::step]
+    # audio of the files probed; files with bad content are skipped with the corpus warning
+    audio = {u.path: load_or_skip(u.path, cfg.model.sample_rate)
+             for u in train.utterances[::step] + test.utterances}
+    train_files = [u for u in train.utterances[::step] if audio[u.path] is not None]
+    test_files = [u for u in test.utterances if audio[u.path] is not None]
+    if not test_files:
+        raise SystemExit("error: none of the held-out files could be loaded (see the warnings above)")
     report: dict = {"run_dir": str(run_dir), "step": run.step, "bottleneck": cfg.model.bottleneck,
-                    "n_probe_train_files": len(train_files), "n_held_out_files": len(test.utterances)}
+                    "n_probe_train_files": len(train_files), "n_held_out_files": len(test_files)}
 
     # reconstruction
     p = model.plan(cfg.data.n_win)
@@ -265,8 +272,8 @@ def run_evaluation(run_dir: str, data: str | None = None, n_resynth: int = 2, se
     report["reconstruction"] = {k: v for k, v in loss.items() if not isinstance(v, list)}
 
     # probes
-    feats = {"train": [utterance_frames(model, u.path, u.speaker) for u in train_files],
-             "test": [utterance_frames(model, u.path, u.speaker) for u in test.utterances]}
+    feats = {"train": [utterance_frames(model, audio[u.path], u.path, u.speaker) for u in train_files],
+             "test": [utterance_frames(model, audio[u.path], u.path, u.speaker) for u in test_files]}
     latent_rate = cfg.model.sample_rate / cfg.model.hop
     if cfg.model.bottleneck == "vqvae" and model.bottleneck.in_warmup():
         report["bottleneck_bits_per_s"] = None      # still in the VQ warm-up: unquantised latents
@@ -292,7 +299,7 @@ def run_evaluation(run_dir: str, data: str | None = None, n_resynth: int = 2, se
     # alone have too few triphone minimal pairs (the demo corpus's 2 per speaker: none within speakers).
     # MFCCs as the probes see them, unnormalised (standardised per coefficient they did worse across
     # speakers on the demo corpus: 20.1% against 11.8%, so this is the stronger baseline).
-    utts, enc = train_files + test.utterances, feats["train"] + feats["test"]
+    utts, enc = train_files + test_files, feats["train"] + feats["test"]
     m = cfg.model
     report["abx"], report["abx_setup"] = abx_errors(
         [read_alignment(u.path) for u in utts],
@@ -303,8 +310,8 @@ def run_evaluation(run_dir: str, data: str | None = None, n_resynth: int = 2, se
     spk_clf = speaker_classifier([f[1] for f in feats["train"]])
     sr = cfg.model.sample_rate
     resynth = []
-    for i, utt in enumerate(test.utterances[:n_resynth]):
-        wav = load_audio(utt.path, sr)[: int(seconds * sr)]
+    for i, utt in enumerate(test_files[:n_resynth]):
+        wav = audio[utt.path][: int(seconds * sr)]
         src = run.speaker_id(utt.speaker)
         tgt_name = run.speakers[(src + 1 + i) % len(run.speakers)]
         rec = resynthesize(model, wav, src, engine=engine, seed=i)
@@ -438,7 +445,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds of each file to resynthesise")
     ap.add_argument("--engine", default="auto", choices=["auto", "python", "cpp", "cuda"])
     a = ap.parse_args(argv)
-    report = run_evaluation(a.run_dir, a.data, a.n_resynth, a.seconds, a.engine)
+    try:
+        report = run_evaluation(a.run_dir, a.data, a.n_resynth, a.seconds, a.engine)
+    except CorpusError as e:
+        raise SystemExit(f"error: {e}") from None
     print(markdown(report))
     print(f"report written to {Path(a.run_dir) / 'report'}", file=sys.stderr)
 

@@ -4,6 +4,12 @@ librosa pads by default (`center=True`) and fills delta edges by interpolation; 
 frame depend on audio outside its window. We frame with `center=False` and drop the
 `(delta_width - 1) / 2` edge frames on each side whose deltas were interpolated, so frame i reads
 exactly wav[i * hop, i * hop + mfcc_win + (delta_width - 1) * hop).
+
+The log-mel power is floored at an absolute level (`ModelConfig.mfcc_floor_db`), not at librosa's
+default of 80 dB below the maximum of the whole array, so a frame does not depend on the other
+windows of a batch or on the rest of the file: a window's features are the same alone, in any batch
+and cut from the whole utterance. Runs made before this (config without the key) keep the old,
+array-relative definition they were trained with.
 """
 from __future__ import annotations
 
@@ -30,10 +36,14 @@ def mfcc_features(wav: np.ndarray, m: ModelConfig) -> np.ndarray:
     if n <= 0:
         raise ValueError(f"{wav.shape[-1]} samples are too few for one feature frame "
                          f"(need {m.mfcc_win + (m.delta_width - 1) * m.mfcc_hop})")
-    mfcc = librosa.feature.mfcc(
-        y=wav, sr=m.sample_rate, n_mfcc=m.n_mfcc, n_fft=m.mfcc_win, hop_length=m.mfcc_hop,
-        win_length=m.mfcc_win, window="hamming", center=False, n_mels=m.n_mels,
-        fmin=0.0, fmax=m.sample_rate / 2)
+    mel = librosa.feature.melspectrogram(
+        y=wav, sr=m.sample_rate, n_fft=m.mfcc_win, hop_length=m.mfcc_hop, win_length=m.mfcc_win,
+        window="hamming", center=False, power=2.0, n_mels=m.n_mels, fmin=0.0, fmax=m.sample_rate / 2)
+    if m.mfcc_floor_db is None:     # legacy runs: floor at (max of this array - 80 dB)
+        log_mel = librosa.power_to_db(mel)
+    else:
+        log_mel = librosa.power_to_db(mel, ref=1.0, amin=10.0 ** (m.mfcc_floor_db / 10), top_db=None)
+    mfcc = librosa.feature.mfcc(S=log_mel, n_mfcc=m.n_mfcc)
     d1 = librosa.feature.delta(mfcc, width=m.delta_width, order=1, axis=-1)
     d2 = librosa.feature.delta(mfcc, width=m.delta_width, order=2, axis=-1)
     e = (m.delta_width - 1) // 2

@@ -7,25 +7,24 @@ A run dir holds (DESIGN.md, CLI contract)
     DIR/checkpoints/step-NNNNNNNN.pt       torch.save dict; key "model" = the model's state_dict
 
 `load_run` takes the latest checkpoint (highest step number; temporary files of an interrupted save are
-ignored; one that fails its checksum falls back to the previous one, with a warning) and returns the
-model in evaluation mode. Checkpoints of the training loop (`wavenet_ae.checkpoint`: header + sha256)
-and plain `torch.save` dicts are both read. Every failure is a `RunDirError` whose message
+ignored; one that fails its checksum falls back to the previous one, with a warning; none that loads is
+an error) and returns the model in evaluation mode. Listing and newest-that-loads are those of
+`wavenet_ae.checkpoint`, which the training loop resumes with. Checkpoints of the training loop (header
++ sha256) and plain `torch.save` dicts are both read. Every failure is a `RunDirError` whose message
 names the missing or broken file.
 """
 from __future__ import annotations
 
 import json
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import checkpoint
+from .checkpoint import CheckpointError
 from .config import Config
 from .model import WaveNetAE
-
-CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
 class RunDirError(RuntimeError):
@@ -49,15 +48,8 @@ class Run:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[Path, int]]:
-    """(path, step) of every `checkpoints/step-NNNNNNNN.pt`, newest first."""
-    ckdir = Path(run_dir) / "checkpoints"
-    found = []
-    if ckdir.is_dir():
-        for p in ckdir.iterdir():
-            m = CHECKPOINT_RE.match(p.name)
-            if m and p.is_file():
-                found.append((p, int(m.group(1))))
-    return sorted(found, key=lambda x: -x[1])
+    """(path, step) of every `checkpoints/step-NNNNNNNN.pt`, newest first (`checkpoint.list_checkpoints`)."""
+    return [(p, s) for s, p in reversed(checkpoint.list_checkpoints(run_dir))]
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[Path, int] | None:
@@ -68,19 +60,15 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[Path, int] | None:
 
 def _torch_load(path: Path) -> dict:
     """A checkpoint written by the training loop (`wavenet_ae.checkpoint`: magic header + sha256,
-    verified) or a plain `torch.save` file."""
-    from .checkpoint import MAGIC, CheckpointError, load_file
+    verified) or a plain `torch.save` file. A damaged one is a `CheckpointError` naming the file."""
     with open(path, "rb") as fh:
-        head = fh.read(len(MAGIC))
-    if head == MAGIC:
-        try:
-            return load_file(path)
-        except CheckpointError as e:
-            raise RunDirError(str(e)) from e
+        head = fh.read(len(checkpoint.MAGIC))
+    if head == checkpoint.MAGIC:
+        return checkpoint.load_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise RunDirError(f"checkpoint {path} is unreadable: {e}") from e
+        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
 
 
 def _strip_wrappers(state: dict) -> dict:
@@ -106,20 +94,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     except (ValueError, TypeError) as e:
         raise RunDirError(f"{cfg_path}: invalid config: {e}") from e
 
-    found = list_checkpoints(run_dir)
-    if not found:
+    try:                                      # newest that loads; a corrupt one falls back, loudly
+        found = checkpoint.newest_loadable(run_dir, _torch_load, warn_category=RuntimeWarning)
+    except CheckpointError as e:
+        raise RunDirError(str(e)) from e
+    if found is None:
         raise RunDirError(f"no checkpoint in {run_dir / 'checkpoints'} (expected step-NNNNNNNN.pt; "
                           f"train first: python -m wavenet_ae.train --run-dir {run_dir})")
-    ck, errors = None, []
-    for ck_path, step in found:               # newest that loads; a corrupt one falls back, loudly
-        try:
-            ck = _torch_load(ck_path)
-            break
-        except RunDirError as e:
-            errors.append(str(e))
-            warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning, stacklevel=2)
-    if ck is None:
-        raise RunDirError("no readable checkpoint: " + "; ".join(errors))
+    step, ck_path, ck = found
     if not isinstance(ck, dict) or "model" not in ck:
         raise RunDirError(f"checkpoint {ck_path} has no 'model' state dict")
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from . import checkpoint, malloc
 from .config import Config, preset
 from .data import DEMO_CORPUS
-from .data.corpus import Corpus, index_corpus, split_corpus
+from .data.corpus import Corpus, CorpusError, index_corpus, load_or_skip, split_corpus
 from .data.slice_buffer import SliceBuffer, fixed_batches
 from .diagnostics import evaluate
 from .features import mfcc_features
@@ -62,13 +62,23 @@ def load_corpora(data: str | None, cfg: Config) -> dict[str, Corpus]:
 
 
 def feature_stats(corpus: Corpus, cfg: Config, max_files: int = 64):
-    """Per-coefficient mean/std of the features over (a deterministic sample of) training files."""
-    from .data.corpus import load_audio
+    """Per-coefficient mean/std of the features over (a deterministic sample of) training files;
+    files with bad content are skipped with the corpus warning."""
     step = max(1, len(corpus.utterances) // max_files)
-    feats = [mfcc_features(load_audio(u.path, cfg.model.sample_rate), cfg.model)
-             for u in corpus.utterances[::step]]
+    wavs = [load_or_skip(u.path, cfg.model.sample_rate) for u in corpus.utterances[::step]]
+    feats = [mfcc_features(w, cfg.model) for w in wavs if w is not None]
+    if not feats:
+        raise CorpusError(f"none of the {len(wavs)} training files sampled for feature statistics "
+                          f"could be loaded (see the warnings above)")
     cat = np.concatenate(feats, axis=1)
     return torch.from_numpy(cat.mean(1)), torch.from_numpy(cat.std(1))
+
+
+def write_text_once(path: Path, text: str) -> None:
+    """Write `path` atomically (temp file, fsync, rename), and only when its content changes."""
+    if path.is_file() and path.read_text() == text:
+        return
+    checkpoint.atomic_write(path, text.encode())
 
 
 def config_for_run(run_dir: Path, args) -> tuple[Config, bool]:
@@ -165,7 +175,10 @@ def train(args) -> int:
     is_main = rank == 0
     malloc.retain_freed_memory()  # no page faults in steady-state steps (see malloc.py)
     cfg, is_new = config_for_run(run_dir, args)
-    ckpt = None if is_new else checkpoint.load_latest(run_dir)
+    try:
+        ckpt = None if is_new else checkpoint.load_latest(run_dir)
+    except checkpoint.CheckpointError as e:       # checkpoints exist but none verifies: never restart
+        raise SystemExit(f"error: {e}") from None
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
@@ -186,8 +199,8 @@ def train(args) -> int:
         cfg.model.n_speakers = len(speakers)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.to_json())
-        speakers_path.write_text(json.dumps(speakers, indent=1))
+        write_text_once(run_dir / "config.json", cfg.to_json())
+        write_text_once(speakers_path, json.dumps(speakers, indent=1))
         print(f"data: train {train_set.summary()}; valid {len(valid_set.utterances)} files", flush=True)
 
     model = WaveNetAE(cfg.model).to(device)
@@ -318,6 +331,8 @@ class Logger:
             self.jsonl = open(run_dir / "log.jsonl", "a")
 
     def _write(self, record: dict) -> None:
+        # a value that could not be measured (NaN, e.g. the speaker gain of one speaker) is null: strict JSON
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
 
@@ -408,7 +423,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available")
-    sys.exit(train(args))
+    try:
+        code = train(args)
+    except CorpusError as e:      # nothing to train on: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    sys.exit(code)
 
 
 if __name__ == "__main__":

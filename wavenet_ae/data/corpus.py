@@ -19,14 +19,45 @@ import numpy as np
 import soundfile as sf
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+SPLITS = ("train", "valid", "test")      # the split names `split.tsv` may use
 
 
 class CorpusError(ValueError):
     pass
 
 
-class BadAudioWarning(UserWarning):
-    pass
+class BadAudioError(CorpusError):
+    """A file whose content cannot be used (`load_audio`); `path` and `reason` say which and why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class CorpusWarning(UserWarning):
+    """Something in the corpus is not used; shown as one line, `warning: ...`."""
+
+
+class BadAudioWarning(CorpusWarning):
+    """One skipped file: `warning: skipping PATH: reason`."""
+
+
+_formatwarning = warnings.formatwarning
+
+
+def _format_bad_audio(message, category, filename, lineno, line=None):
+    # Python's format echoes the source line that warned: noise when a corpus skips thousands of files
+    if isinstance(category, type) and issubclass(category, CorpusWarning):
+        return f"warning: {message}\n"
+    return _formatwarning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _format_bad_audio
+
+
+def warn_skip(path: str, reason: str) -> None:
+    """The one warning every stage gives for a file it skips."""
+    warnings.warn(f"skipping {path}: {reason}", BadAudioWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -69,7 +100,7 @@ class Corpus:
 
 
 def _reject(rejected: list, path: str, reason: str) -> None:
-    warnings.warn(f"skipping {path}: {reason}", BadAudioWarning, stacklevel=3)
+    warn_skip(path, reason)
     rejected.append((path, reason))
 
 
@@ -128,20 +159,29 @@ def index_corpus(source: str | Path, sample_rate: int, min_samples: int) -> Corp
 
 
 def load_audio(path: str, sample_rate: int) -> np.ndarray:
-    """Read, mix to mono, resample to `sample_rate`, and check the content. Raises CorpusError."""
+    """Read, mix to mono, resample to `sample_rate`, and check the content. Raises BadAudioError."""
     try:
         wav, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:
-        raise CorpusError(f"{path}: unreadable: {e}") from e
+        raise BadAudioError(path, f"unreadable: {e}") from e
     if wav.size == 0:
-        raise CorpusError(f"{path}: zero-length")
+        raise BadAudioError(path, "zero-length")
     if not np.isfinite(wav).all():
-        raise CorpusError(f"{path}: NaN/inf samples")
+        raise BadAudioError(path, "NaN/inf samples")
     wav = wav.mean(axis=1)
     if sr != sample_rate:
         import librosa
         wav = librosa.resample(wav, orig_sr=sr, target_sr=sample_rate).astype(np.float32)
     return wav
+
+
+def load_or_skip(path: str, sample_rate: int) -> np.ndarray | None:
+    """`load_audio`, or None after the skip warning when the content is bad."""
+    try:
+        return load_audio(path, sample_rate)
+    except BadAudioError as e:
+        warn_skip(e.path, e.reason)
+        return None
 
 
 def split_corpus(corpus: Corpus, source: str | Path, valid_fraction: float) -> dict[str, Corpus]:
@@ -156,7 +196,16 @@ def split_corpus(corpus: Corpus, source: str | Path, valid_fraction: float) -> d
             if len(cols) >= 3:
                 which[str((split_file.parent / cols[0]).resolve())] = cols[2]
         parts = {name: Corpus([u for u in corpus.utterances if which.get(str(Path(u.path).resolve())) == name],
-                              corpus.speakers) for name in ("train", "valid", "test")}
+                              corpus.speakers) for name in SPLITS}
+        dropped = [(u.path, which.get(str(Path(u.path).resolve()))) for u in corpus.utterances
+                   if which.get(str(Path(u.path).resolve())) not in SPLITS]
+        if dropped and parts["train"].utterances:
+            unlisted = [p for p, w in dropped if w is None]
+            unknown = sorted({w for _, w in dropped if w is not None})
+            warnings.warn(f"{split_file}: {len(dropped)} of {len(corpus.utterances)} files are not used: "
+                          f"{len(unlisted)} not listed, {len(dropped) - len(unlisted)} under a split other "
+                          f"than {'/'.join(SPLITS)}" + (f" ({', '.join(unknown[:5])})" if unknown else "")
+                          + f"; e.g. {', '.join(p for p, _ in dropped[:3])}", CorpusWarning, stacklevel=2)
         if parts["train"].utterances:
             parts["train"].rejected = corpus.rejected
             return parts

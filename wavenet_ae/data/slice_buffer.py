@@ -6,9 +6,11 @@ file), draws a seeded permutation of them (only the first `fraction` of it, to m
 batches of B windows, then loads the next chunk. An epoch is one pass over this rank's files.
 
 Position = (seed, epoch, cursor: first file of the chunk in the epoch's order, drawn: windows
-already taken from the chunk's permutation). Every random choice is derived from the seed and the
+already taken from the chunk's permutation, and the files found bad so far and at the epoch's start:
+they change which files make up a chunk). Every random choice is derived from the seed and the
 position, so `restore(state())` rebuilds the identical future batch sequence by reloading one
 chunk: the cost is proportional to the buffer, not to the progress through the epoch.
+A file found bad is skipped with one warning, given on the thread that takes the batches.
 Under torch.distributed, rank r of W takes files r, r + W, ... of each epoch's permutation.
 """
 from __future__ import annotations
@@ -17,8 +19,7 @@ import hashlib
 import math
 import queue
 import threading
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -28,9 +29,9 @@ from ..config import ModelConfig
 from ..features import mfcc_features
 from ..ops import mu_law_encode
 from ..rfield import WindowPlan
-from .corpus import BadAudioWarning, Corpus, CorpusError, load_audio
+from .corpus import BadAudioError, Corpus, CorpusError, load_audio, load_or_skip, warn_skip
 
-STATE_VERSION = 1
+STATE_VERSION = 2          # 2: + bad files (version 1 positions are read as having none)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Batch:
     files: list[int]           # corpus index of each window's file
     starts: list[int]          # first target sample of each window in its file
     position: dict             # the position *after* this batch (what a checkpoint stores)
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason) found bad meanwhile
 
 
 def make_batch(chunks: list[tuple[int, np.ndarray, int]], picks: list[tuple[int, int]],
@@ -73,8 +75,9 @@ class SliceBuffer:
                               f"({p.total_len} samples); {world_size} ranks need at least one each")
         self.digest = hashlib.sha1("\n".join(f"{u.path}\t{u.speaker}" for u in corpus.utterances)
                                    .encode()).hexdigest()[:16]
-        self.bad: set[int] = set()
-        self._position = {"epoch": 0, "cursor": 0, "drawn": 0}
+        self.bad: set[int] = set()                 # corpus indices found bad (by the generator)
+        self._skipped: list[tuple[str, str]] = []  # found bad since the last batch was cut
+        self._position = {"epoch": 0, "cursor": 0, "drawn": 0, "bad": [], "epoch_bad": []}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
@@ -86,13 +89,18 @@ class SliceBuffer:
                 "corpus": self.digest, **self._position}
 
     def restore(self, state: dict) -> None:
-        for key, mine in (("version", STATE_VERSION), ("seed", self.seed), ("corpus", self.digest),
+        if state.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"data position does not match this run: version is {state.get('version')!r} "
+                             f"in the checkpoint, {STATE_VERSION} now")
+        for key, mine in (("seed", self.seed), ("corpus", self.digest),
                           ("world_size", self.world), ("rank", self.rank)):
             if state.get(key) != mine:
                 raise ValueError(f"data position does not match this run: {key} is {state.get(key)!r} "
                                  f"in the checkpoint, {mine!r} now")
         self.close()
         self._position = {k: int(state[k]) for k in ("epoch", "cursor", "drawn")}
+        self._position.update({k: sorted(int(i) for i in state.get(k, [])) for k in ("bad", "epoch_bad")})
+        self.bad, self._skipped = set(self._position["bad"]), []
 
     # --- the deterministic stream -------------------------------------------------------------
     def _epoch_files(self, epoch: int) -> list[int]:
@@ -112,13 +120,13 @@ class SliceBuffer:
             utt = self.corpus.utterances[idx]
             try:
                 wav = load_audio(utt.path, self.m.sample_rate)
-            except CorpusError as e:
-                warnings.warn(f"skipping {e}", BadAudioWarning)
-                self.bad.add(idx)
+            except BadAudioError as e:
+                self._skip(idx, e.reason)
                 continue
             n_starts = len(wav) - self.p.total_len + 1
             if n_starts <= 0:
-                self.bad.add(idx)
+                self._skip(idx, f"{len(wav)} samples once decoded, shorter than one window "
+                                f"({self.p.total_len})")
                 continue
             chunks.append((idx, wav, self.corpus.speaker_id(utt.speaker)))
             counts.append(n_starts)
@@ -126,19 +134,24 @@ class SliceBuffer:
             n_samples += len(wav)
         return chunks, i, np.asarray(counts, dtype=np.int64)
 
-    def _tail_starts(self, files: list[int]) -> np.ndarray:
+    def _skip(self, idx: int, reason: str) -> None:
+        self.bad.add(idx)
+        self._skipped.append((self.corpus.utterances[idx].path, reason))
+
+    def _tail_starts(self, files: list[int], bad: set[int]) -> np.ndarray:
         """tail[i] = window starts (by header lengths) in files[i:], for keeping tails whole."""
-        n = [0 if f in self.bad else self.corpus.utterances[f].n_samples - self.p.total_len + 1
+        n = [0 if f in bad else self.corpus.utterances[f].n_samples - self.p.total_len + 1
              for f in files]
         return np.concatenate([np.cumsum(n[::-1])[::-1], [0]])
 
     def _generate(self, position: dict) -> Iterator[Batch]:
         epoch, cursor, drawn = position["epoch"], position["cursor"], position["drawn"]
-        files_epoch = None
+        # the tail rule of an epoch sees the files known bad when the epoch began: carried by positions
+        epoch_bad, files_epoch = set(position["epoch_bad"]), None
         while True:
             if files_epoch != epoch:
                 files, files_epoch = self._epoch_files(epoch), epoch
-                tail = self._tail_starts(files)
+                tail = self._tail_starts(files, epoch_bad)
             chunks, next_cursor, counts = self._load_chunk(files, cursor, tail)
             total = int(counts.sum()) if len(counts) else 0
             n_take = (max(self.B, math.floor(self.fraction * total)) // self.B) * self.B
@@ -154,10 +167,20 @@ class SliceBuffer:
                     after = {"epoch": epoch, "cursor": cursor, "drawn": drawn}
                     if drawn + self.B > n_take:       # chunk exhausted: next batch starts a new one
                         after = self._advance(epoch, next_cursor, len(files))
-                    yield make_batch(chunks, picks, self.p, self.m, after)
+                    after["bad"] = sorted(self.bad)
+                    after["epoch_bad"] = sorted(epoch_bad if after["epoch"] == epoch else self.bad)
+                    batch = make_batch(chunks, picks, self.p, self.m, after)
+                    batch.skipped, self._skipped = self._skipped, []
+                    yield batch
             elif next_cursor == cursor or (cursor == 0 and next_cursor >= len(files)):
-                raise CorpusError(f"rank {self.rank}: its files hold fewer than {self.B} valid windows")
+                for path, reason in self._skipped:
+                    warn_skip(path, reason)
+                self._skipped = []
+                raise CorpusError(f"rank {self.rank}: its files hold fewer than {self.B} valid windows"
+                                  + (f" ({len(self.bad)} skipped as bad)" if self.bad else ""))
             pos = self._advance(epoch, next_cursor, len(files))
+            if pos["epoch"] != epoch:
+                epoch_bad = set(self.bad)
             epoch, cursor, drawn = pos["epoch"], pos["cursor"], pos["drawn"]
 
     @staticmethod
@@ -183,6 +206,8 @@ class SliceBuffer:
             if isinstance(item, BaseException):
                 raise item
             batch = item
+        for path, reason in batch.skipped:     # warned here: warning filters belong to this thread
+            warn_skip(path, reason)
         self._position = dict(batch.position)
         return batch
 
@@ -191,21 +216,23 @@ class SliceBuffer:
         self._queue = queue.Queue(maxsize=self.prefetch)
         start = dict(self._position)
 
+        def put(q: queue.Queue, stop: threading.Event, item) -> bool:
+            """Block until there is room or the consumer closed the buffer (-> False)."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def work(q: queue.Queue, stop: threading.Event) -> None:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("default")
-                    for batch in self._generate(start):
-                        while not stop.is_set():
-                            try:
-                                q.put(batch, timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
-                            return
-            except BaseException as e:  # handed to the consumer
-                q.put(e)
+                for batch in self._generate(start):
+                    if not put(q, stop, batch):
+                        return
+            except BaseException as e:  # handed to the consumer, unless it has gone (close())
+                put(q, stop, e)
 
         self._thread = threading.Thread(target=work, args=(self._queue, self._stop), daemon=True)
         self._thread.start()
@@ -223,10 +250,8 @@ def fixed_batches(corpus: Corpus, m: ModelConfig, p: WindowPlan, n_batch: int,
     that neighbours in a batch come from different utterances (for shuffled-latent diagnostics)."""
     per_file = []
     for idx, utt in enumerate(corpus.utterances):
-        try:
-            wav = load_audio(utt.path, m.sample_rate)
-        except CorpusError as e:
-            warnings.warn(f"skipping {e}", BadAudioWarning)
+        wav = load_or_skip(utt.path, m.sample_rate)
+        if wav is None:
             continue
         starts = range(p.before, len(wav) - p.after + 1)
         if not starts:

@@ -6,8 +6,11 @@ terms (already weighted, in nats per wav sample where that is meaningful) and st
 VQ-VAE uses exponential-moving-average codebook updates (van den Oord et al. 2017, appendix) rather
 than a codebook loss: the codebook then tracks the encoder outputs directly, which trains stably
 and leaves fewer dead codes; dead codes (EMA usage below `dead_threshold`) are restarted from
-random encoder outputs of the current batch. With `vq_ema_decay = 0` the codebook is learnt by
-gradient instead (codebook loss + commitment loss).
+random encoder outputs of the current batch. A training forward reports `dead_codes`, the number of
+dead codes after this batch's EMA update and *before* the restart, and `codes_restarted`, the number
+restarted in that step. With `vq_ema_decay = 0` the codebook is learnt by gradient instead (codebook
+loss + commitment loss; there are no EMA counts, so no dead-code restarts: `ModelConfig.validate`
+refuses `vq_dead_restart` with it).
 """
 from __future__ import annotations
 
@@ -108,14 +111,15 @@ class VQBottleneck(nn.Module):
         if self.decay == 0:
             terms["loss_codebook"] = F.mse_loss(e, z_e.detach())
         elif self.training:
-            self._ema_update(z_e.detach(), codes)
+            terms["dead_codes"], terms["codes_restarted"] = self._ema_update(z_e.detach(), codes)
+        else:
+            terms["dead_codes"] = (self.ema_count < self.dead_threshold).sum()
+            terms["codes_restarted"] = torch.zeros((), dtype=torch.long, device=z_e.device)
         z_q = z_e + (e - z_e).detach()                                  # straight-through
         counts = torch.bincount(codes.flatten(), minlength=self.codebook.shape[0]).float()
         p = counts / counts.sum()
         terms["perplexity"] = torch.exp(-(p * (p + 1e-10).log()).sum())
         terms["codes_used"] = (counts > 0).sum()
-        if self.decay > 0:
-            terms["dead_codes"] = (self.ema_count < self.dead_threshold).sum()
         terms["latent_norm"] = z_e.detach().norm(dim=1).mean()
         terms["codes"] = codes
         return z_q, terms
@@ -139,7 +143,9 @@ class VQBottleneck(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _ema_update(self, z_e: torch.Tensor, codes: torch.Tensor) -> None:
+    def _ema_update(self, z_e: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One EMA step of counts, sums and codebook, then the dead-code restart. Returns (dead codes
+        after the EMA step, before the restart; codes restarted), 0-dim tensors."""
         flat = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
         onehot = F.one_hot(codes.flatten(), self.codebook.shape[0]).type_as(flat)
         count, total = onehot.sum(0), onehot.t() @ flat
@@ -152,16 +158,19 @@ class VQBottleneck(nn.Module):
         n = self.ema_count.sum()
         smoothed = (self.ema_count + self.eps) / (n + self.codebook.shape[0] * self.eps) * n
         self.codebook.copy_(self.ema_sum / smoothed[:, None])
-        if self.restart:
-            dead = self.ema_count < self.dead_threshold
-            if dead.any():
-                pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
-                fresh = flat[pick]
-                if distributed:
-                    dist.broadcast(fresh, 0)
-                self.codebook[dead] = fresh
-                self.ema_sum[dead] = fresh
-                self.ema_count[dead] = 1.0
+        dead = self.ema_count < self.dead_threshold
+        n_dead = dead.sum()
+        if not self.restart:
+            return n_dead, torch.zeros_like(n_dead)
+        if dead.any():
+            pick = torch.randint(0, flat.shape[0], (int(n_dead),), device=flat.device)
+            fresh = flat[pick]
+            if distributed:
+                dist.broadcast(fresh, 0)
+            self.codebook[dead] = fresh
+            self.ema_sum[dead] = fresh
+            self.ema_count[dead] = 1.0
+        return n_dead, n_dead.clone()             # every dead code was restarted
 
 
 def make_bottleneck(m: ModelConfig) -> nn.Module:
