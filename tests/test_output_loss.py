@@ -122,3 +122,16 @@ def test_aten_gemm_fallback_matches_reference():
                         "test_matches_reference and (tile_edges or no_bias)"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "4 passed" in r.stdout, r.stdout[-2000:]
+
+
+@needs_kernel
+def test_kernel_is_unaffected_by_autocast():
+    """Inside a CPU autocast region the fused loss and its gradients are the float32 ones of outside it
+    (autocast falls through custom ops; the op excludes it for the products it makes inside)."""
+    h, w, b, target = make(*CASES["tiny_like"], dtype=torch.float32)
+    want = loss_and_grads(ops.linear_cross_entropy, h, w, b, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_and_grads(ops.linear_cross_entropy, h, w, b, target)
+    for a, e in zip((got[0], *got[1]), (want[0], *want[1])):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)

@@ -131,6 +131,21 @@ def test_cpu_matches_reference(case, dtype):
 
 
 @needs_cpu_kernel
+def test_cpu_kernel_is_unaffected_by_autocast():
+    """Autocast falls through custom ops, so the ATen products inside a kernel would be autocast to
+    bfloat16 (gradients in bf16, ~1e-2 off). The op excludes autocast: inside a CPU autocast region, forward
+    and backward, it gives the float32 results of outside it."""
+    kw, short = CASES["tiny_like"]
+    args = make_layer(dtype=torch.float32, **kw)
+    n_out = kw["L"] - (kw.get("K", 2) - 1) * kw["d"] - short
+    ref = run(ops.residual_layer_ref, cast(args, torch.float64), kw["d"], n_out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = run(ops.fused_residual_layer, args, kw["d"], n_out)
+    assert all(t.dtype == torch.float32 for t in fused[0] + list(fused[1].values()))
+    compare(fused, ref, 2e-5, 1e-4, "cpu autocast")
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("threads", [1, 8])
 def test_cpu_both_input_gradient_paths(threads):
     """With B >= threads a thread owns whole items and accumulates the taps into g_x in place; with

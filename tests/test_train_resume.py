@@ -217,3 +217,37 @@ def test_config_and_speakers_are_written_atomically_and_only_when_they_change(tm
     assert (files[1].stat().st_ino, files[1].stat().st_mtime_ns) == before[1]
     assert not list(run.glob(".*tmp*"))
 
+
+def test_the_stop_vote_is_a_collective_on_the_training_device(monkeypatch):
+    """NCCL serves only CUDA tensors: the per-step collective must live on the training device (here a
+    meta device stands in for it; the fake process group refuses anything else, as NCCL refuses CPU)."""
+    from wavenet_ae import train
+    seen = []
+
+    def all_reduce(t, op=None):
+        seen.append(t.device)
+        if t.device.type != "meta":
+            raise RuntimeError(f"No backend type associated with device type {t.device.type}")
+    monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):   # .item() after the collective
+        train._agree(True, 2, "meta")
+    assert seen == [torch.device("meta")]
+
+
+def test_rng_state_saves_and_restores_only_this_ranks_gpu(monkeypatch):
+    """A resumed process may see fewer GPUs than the one that saved: only the rank's own device's state
+    is saved and restored (older checkpoints hold one per visible GPU: this rank's is picked)."""
+    from wavenet_ae import train
+    states = {0: torch.full((8,), 0, dtype=torch.uint8), 1: torch.full((8,), 1, dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((device, int(s[0]))))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves every GPU"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("restores every GPU"))
+    cpu = torch.get_rng_state()
+    s = train.rng_state("cuda:1")
+    assert len(s["cuda"]) == 1 and int(s["cuda"][0][0]) == 1
+    train.set_rng_state(s, "cuda:0")                       # the resumed rank sits on another index
+    train.set_rng_state({**s, "cuda": [states[0], states[1]]}, "cuda:1")    # an older checkpoint
+    assert restored == [(torch.device("cuda:0"), 1), (torch.device("cuda:1"), 1)]
+    assert train.rng_state("cpu")["cuda"] == [] and torch.equal(torch.get_rng_state(), cpu)

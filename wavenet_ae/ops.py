@@ -14,6 +14,7 @@ call that falls back warns once. ``require_ext()`` raises instead, naming the re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -82,6 +83,14 @@ def _use_ext(t: torch.Tensor) -> bool:
     return False  # other devices (mps, xpu, ...): references only
 
 
+def _no_autocast(t: torch.Tensor):
+    """Context for calling a custom op on ``t``'s device. Autocast falls through custom ops but stays on
+    inside them, so the ATen products a kernel makes (mm, addmm, bmm) would come back in bfloat16 where
+    the kernel expects its input dtype; every op runs with autocast off (its callers cast the inputs)."""
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def _check_n_quant(n_quant: int) -> None:
     if not 2 <= n_quant <= 65536:
         raise ValueError(f"n_quant must be in [2, 65536], got {n_quant}")
@@ -131,14 +140,16 @@ def mu_law_decode_ref(q: torch.Tensor, n_quant: int = 256) -> torch.Tensor:
 def mu_law_encode(x: torch.Tensor, n_quant: int = 256) -> torch.Tensor:
     """Mu-law encode float audio ``x`` (*) in [-1, 1] into int64 classes (*) in [0, n_quant - 1]."""
     if _use_ext(x):
-        return torch.ops.wavenet_ae.mu_law_encode(x, n_quant)
+        with _no_autocast(x):
+            return torch.ops.wavenet_ae.mu_law_encode(x, n_quant)
     return mu_law_encode_ref(x, n_quant)
 
 
 def mu_law_decode(q: torch.Tensor, n_quant: int = 256) -> torch.Tensor:
     """Mu-law decode integer classes ``q`` (*) into float32 audio (*) in [-1, 1]."""
     if _use_ext(q):
-        return torch.ops.wavenet_ae.mu_law_decode(q, n_quant)
+        with _no_autocast(q):
+            return torch.ops.wavenet_ae.mu_law_decode(q, n_quant)
     return mu_law_decode_ref(q, n_quant)
 
 
@@ -299,9 +310,10 @@ def wavenet_generate(w: GenWeights, cond: torch.Tensor, u: torch.Tensor, forced:
     float16/bfloat16 weight matrices. Falls back to the reference if no kernel is available."""
     if (HAVE_GENERATE_KERNELS and _use_ext(cond)
             and (cond.device.type != "cuda" or HAVE_GENERATE_CUDA)):
-        return torch.ops.wavenet_ae.wavenet_generate(
-            w.embed, w.w_dil, w.w_out, w.b_out, w.w_post1, w.b_post1, w.w_post2, w.b_post2,
-            list(w.dilations), cond, u, forced, queues, x_prev, int(t0), bool(want_logits), path)
+        with _no_autocast(cond):
+            return torch.ops.wavenet_ae.wavenet_generate(
+                w.embed, w.w_dil, w.w_out, w.b_out, w.w_post1, w.b_post1, w.w_post2, w.b_post2,
+                list(w.dilations), cond, u, forced, queues, x_prev, int(t0), bool(want_logits), path)
     return wavenet_generate_ref(w, cond, u, forced, queues, x_prev, t0, want_logits)
 
 
@@ -377,8 +389,9 @@ class _FusedResidualLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip, dilation, n_out):
-        x_out, skip, saved = torch.ops.wavenet_ae.residual_layer_fwd(
-            x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip, dilation, n_out)
+        with _no_autocast(x):
+            x_out, skip, saved = torch.ops.wavenet_ae.residual_layer_fwd(
+                x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip, dilation, n_out)
         ctx.save_for_backward(x, lc, g, saved, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip)
         ctx.dilation, ctx.n_out = dilation, n_out
         if w_res is None:
@@ -391,10 +404,11 @@ class _FusedResidualLayer(torch.autograd.Function):
         need = ctx.needs_input_grad
         if grad_skip is None:
             grad_skip = torch.zeros(x.shape[0], w_skip.shape[0], ctx.n_out, dtype=x.dtype, device=x.device)
-        grads = torch.ops.wavenet_ae.residual_layer_bwd(
-            grad_x_out if w_res is not None else None, grad_skip.contiguous(), x, lc, g, saved,
-            w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip, ctx.dilation, ctx.n_out,
-            bool(need[0]), bool(need[1]), bool(need[2]))
+        with _no_autocast(x):     # backward() called inside an autocast region runs with it on
+            grads = torch.ops.wavenet_ae.residual_layer_bwd(
+                grad_x_out if w_res is not None else None, grad_skip.contiguous(), x, lc, g, saved,
+                w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip, ctx.dilation, ctx.n_out,
+                bool(need[0]), bool(need[1]), bool(need[2]))
         inputs = (x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip)
         out = tuple(gr if (t is not None and need[i]) else None for i, (gr, t) in enumerate(zip(grads, inputs)))
         return out + (None, None)
@@ -501,7 +515,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, target, need_grad):
-        loss, g_h, g_w, g_b = torch.ops.wavenet_ae.linear_cross_entropy(h, w, b, target, need_grad)
+        with _no_autocast(h):
+            loss, g_h, g_w, g_b = torch.ops.wavenet_ae.linear_cross_entropy(h, w, b, target, need_grad)
         count = target.numel()
         ctx.save_for_backward(g_h, g_w, g_b)
         ctx.count, ctx.has_b = count, b is not None

@@ -125,19 +125,26 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Adam:
 
 # --- RNG state -------------------------------------------------------------------------------------
 
-def rng_state() -> dict:
+def rng_state(device: str = "cpu") -> dict:
+    """Every generator this rank draws from: CPU torch, numpy, Python, and its own GPU's (only that
+    one: a resumed process may see fewer GPUs than the one that saved)."""
     py = random.getstate()
     np_state = np.random.get_state()
+    dev = torch.device(device)
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state(dev)] if dev.type == "cuda" else [],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": [py[0], list(py[1]), py[2]]}
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict, device: str = "cpu") -> None:
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    dev = torch.device(device)
+    if s["cuda"] and dev.type == "cuda":
+        # one state: this rank's device. Checkpoints before that saved one per visible GPU (from 0):
+        # this rank's is at its device index.
+        cuda = s["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[dev.index or 0], dev)
     n = s["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
@@ -221,7 +228,7 @@ def train(args) -> int:
             raise SystemExit(f"error: checkpoint was written by {len(ckpt['data_position'])} processes, "
                              f"now {world}: resume with the same world size")
         buf.restore(json.loads(ckpt["data_position"][rank]))
-        set_rng_state(ckpt["rng"][rank])
+        set_rng_state(ckpt["rng"][rank], device)
         if is_main:
             print(f"resumed {run_dir} at step {step}", flush=True)
     else:
@@ -244,7 +251,7 @@ def train(args) -> int:
 
     def save() -> None:
         positions = gather(json.dumps(buf.state()), world)
-        rngs = gather(rng_state(), world)
+        rngs = gather(rng_state(device), world)
         if is_main:
             checkpoint.save(run_dir, step, {
                 "step": step, "config": cfg.to_dict(), "speakers": speakers,
@@ -254,7 +261,7 @@ def train(args) -> int:
 
     try:
         while step < max_steps:
-            if _agree(stop.signum is not None, world):
+            if _agree(stop.signum is not None, world, device):
                 save()
                 log.close_message(f"stopped by signal at step {step}; checkpoint written")
                 break
@@ -310,11 +317,12 @@ def _loss(ddp, model, batch, device):
     return model.loss_from(h, terms, dec_q)
 
 
-def _agree(flag: bool, world: int) -> bool:
-    """All ranks stop at the same step if any of them was signalled."""
+def _agree(flag: bool, world: int, device: str) -> bool:
+    """All ranks stop at the same step if any of them was signalled. The tensor lives on the training
+    device: NCCL serves CUDA tensors only."""
     if world == 1:
         return flag
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
