@@ -1,7 +1,8 @@
 """Generation speed: engine x batch x preset.
 
     python benchmarks/gen_speed.py [--presets tiny,paper] [--batches 1,16,64] [--engines python,cpp,cuda]
-                                   [--threads N] [--seconds 1.0] [--json]
+                                   [--threads N] [--seconds 1.0] [--json] [--json-out PATH] [--check-args]
+                                   [--keep-going]
 
 Measures `Generator.run` on free-running sampling (no teacher forcing): per-chunk conditioning
 (one batched matmul) + the engine's autoregressive loop; packing the weights (once per model) is not
@@ -64,13 +65,46 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per row; the best is reported")
     ap.add_argument("--cuda-dtypes", default="fp32,fp16,bf16")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--json-out", default=None, metavar="PATH",
+                    help="also write the JSON document (environment and rows) to PATH")
+    ap.add_argument("--check-args", action="store_true",
+                    help="validate the arguments, print them, and exit without measuring")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="a row that raises is reported with its error and the others still run (exit 1)")
     a = ap.parse_args(argv)
 
     engines = a.engines.split(",") if a.engines else available_engines()
     cores = os.cpu_count() or 1
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    try:
+        batches = [int(b) for b in a.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches {a.batches!r}: expected comma-separated integers")
+    for what, got, allowed in (("--engines", engines, ("python", "cpp", "cuda")),
+                               ("--cuda-dtypes", a.cuda_dtypes.split(","), tuple(dtypes))):
+        bad = [x for x in got if x not in allowed]
+        if bad:
+            ap.error(f"{what}: unknown {bad}; choose from {', '.join(allowed)}")
+    if min(batches) < 1:
+        ap.error("--batches must be >= 1")
+    for pname in a.presets.split(","):
+        try:
+            preset(pname)
+        except (KeyError, ValueError) as e:
+            ap.error(f"--presets: {e}")
     env = environment()
-    env["cpp_path"] = ops.generate_cpu_path("auto") if ops.HAVE_GENERATE_KERNELS else None
+    env["cpp_path"] = ops.wavenet_generate_cpu_path("auto") if ops.has_kernel("wavenet_generate", "cpu") else None
+    if a.check_args:
+        # everything but the measuring: a generator of each engine available here, for each preset
+        here = available_engines()
+        for pname in a.presets.split(","):
+            dec = WaveNet(preset(pname).model).eval()
+            for engine in (e for e in engines if e in here):
+                Generator(dec, engine)
+        print(json.dumps({"presets": a.presets.split(","), "batches": batches, "engines": engines,
+                          "cuda_dtypes": a.cuda_dtypes.split(","), "seconds": a.seconds, "repeat": a.repeat,
+                          "json_out": a.json_out, "available_here": here}))
+        return 0
     rows = []
     for pname in a.presets.split(","):
         m = preset(pname).model
@@ -78,16 +112,27 @@ def main(argv=None) -> int:
         dec = WaveNet(m).eval()
         geometry = (f"{len(m.dilations)} layers, res {m.n_res}, gate {2 * m.n_dil}, skip {m.n_skp}, "
                     f"post {m.n_post}, quant {m.n_quant}")
-        for B in (int(b) for b in a.batches.split(",")):
+        for B in batches:
             threads = a.threads or (1 if B == 1 else cores)
             torch.set_num_threads(threads)
             ref = None
             for engine in engines:
                 variants = [dtypes[d] for d in a.cuda_dtypes.split(",")] if engine == "cuda" else [torch.float32]
                 for wdt in variants:
-                    gen = Generator(dec, engine, weight_dtype=wdt)
-                    secs = a.python_seconds if engine == "python" else a.seconds
-                    r = measure(gen, dec, B, secs, 400 if engine == "python" else 20000, m.sample_rate, a.repeat)
+                    try:
+                        gen = Generator(dec, engine, weight_dtype=wdt)
+                        secs = a.python_seconds if engine == "python" else a.seconds
+                        r = measure(gen, dec, B, secs, 400 if engine == "python" else 20000, m.sample_rate,
+                                    a.repeat)
+                    except Exception as e:
+                        if not a.keep_going:
+                            raise
+                        rows.append({"preset": pname, "engine": engine, "batch": B, "threads": threads,
+                                     "weights": str(wdt).replace("torch.", ""), "geometry": geometry,
+                                     "error": f"{type(e).__name__}: {e}"})
+                        print(f"  {pname:5s} {engine:6s} B={B:<3d} {rows[-1]['weights']:8s} FAILED: "
+                              f"{rows[-1]['error']}", file=sys.stderr, flush=True)
+                        continue
                     row = {"preset": pname, "engine": engine, "batch": B, "threads": threads,
                            "path": gen.cpu_path if engine == "cpp" else ("gpu" if engine == "cuda" else "torch"),
                            "weights": str(wdt).replace("torch.", ""), "geometry": geometry, **r}
@@ -98,9 +143,12 @@ def main(argv=None) -> int:
                     if not a.json:
                         print(f"  {pname:5s} {engine:6s} B={B:<3d} {row['weights']:8s} {threads} thr: "
                               f"{r['samples_per_s']:10.0f} samples/s", file=sys.stderr, flush=True)
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    failed = sum(1 for r in rows if "error" in r)
     if a.json:
         print(json.dumps({"environment": env, "rows": rows}, indent=1))
-        return 0
+        return 1 if failed else 0
     print(f"CPU: {env['cpu']} ({env['cpu_cores']} cores, SIMD: {' '.join(env['cpu_simd']) or 'none'}); "
           f"cpp engine path: {env['cpp_path']} (runtime dispatch); torch {env['torch']}; GPU: {env['gpu'] or 'none'}")
     for pname in a.presets.split(","):
@@ -110,7 +158,10 @@ def main(argv=None) -> int:
                                  ("batch", "batch"), ("threads", "threads"), ("steps", "steps"),
                                  ("samples_per_s", "samples/s"), ("x_realtime", "x real time (16 kHz)"),
                                  ("ms_per_step", "ms/step"), ("vs_python", "vs python")]))
-    return 0
+    for r in rows:
+        if "error" in r:
+            print(f"FAILED {r['preset']} {r['engine']} B={r['batch']} {r['weights']}: {r['error']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

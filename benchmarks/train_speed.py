@@ -1,7 +1,8 @@
 """Training speed and peak memory: fused decoder kernels vs the PyTorch reference, per device and preset.
 
     python benchmarks/train_speed.py [--configs cpu:tiny,cpu:paper,cuda:paper:bf16] [--steps N]
-                                     [--warmup W] [--threads T] [--json]
+                                     [--warmup W] [--threads T] [--modes reference,fused-residual,fused]
+                                     [--json] [--json-out PATH] [--check-args] [--keep-going]
 
 A config is device:preset[:dtype][:batch] (dtype float32 or bf16 = CUDA autocast as in training; batch
 defaults to the preset's on CUDA and on CPU for `tiny`, 1 for `paper` on CPU). Default: cpu:tiny,
@@ -13,8 +14,8 @@ gradient clipping, Adam update (make_optimizer: fused Adam), with freed memory k
 Modes: reference (PyTorch eager), fused-residual (the fused residual-layer kernels) and fused (those
 and the fused output layer + cross-entropy, ops.linear_cross_entropy; a CPU kernel: on CUDA this mode
 is fused-residual).
-  speed   one process per config runs all modes step by step, alternating (ops.USE_FUSED_RESIDUAL and
-          ops.USE_FUSED_OUTPUT_LOSS flipped between steps of the same model), so a busy moment on a
+  speed   one process per config runs all modes step by step, alternating (ops.USE_FUSED_RESIDUAL_LAYER and
+          ops.USE_FUSED_LINEAR_CROSS_ENTROPY flipped between steps of the same model), so a busy moment on a
           shared machine hits all modes alike; a mode's time is the median of its steps (min also
           reported in --json);
   memory  each mode in a fresh subprocess of its own (warmup + 2 steps):
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
 MODES = ("reference", "fused-residual", "fused")
-# (ops.USE_FUSED_RESIDUAL, ops.USE_FUSED_OUTPUT_LOSS) of each mode
+# (ops.USE_FUSED_RESIDUAL_LAYER, ops.USE_FUSED_LINEAR_CROSS_ENTROPY) of each mode
 MODE_FLAGS = {"reference": (False, False), "fused-residual": (True, False), "fused": (True, True)}
 
 
@@ -93,8 +94,8 @@ def worker(spec: dict) -> dict:
                 torch.randint(0, m.n_quant, (B, p.dec_len), generator=g).to(dev),
                 torch.randint(0, m.n_speakers, (B,), generator=g).to(dev)) for _ in range(2)]
     bf16 = spec["dtype"] == "bf16"
-    ops.USE_FUSED_RESIDUAL = True
-    if not ops.fused_residual_available(batches[0][0].float()):
+    ops.USE_FUSED_RESIDUAL_LAYER = True
+    if not ops.fused_residual_layer_available(batches[0][0].float()):
         raise SystemExit(f"no fused residual kernel for {spec['device']} in this build of wavenet_ae._C")
 
     def sync():
@@ -102,7 +103,7 @@ def worker(spec: dict) -> dict:
             torch.cuda.synchronize(dev)
 
     def step(i, mode):
-        ops.USE_FUSED_RESIDUAL, ops.USE_FUSED_OUTPUT_LOSS = MODE_FLAGS[mode]
+        ops.USE_FUSED_RESIDUAL_LAYER, ops.USE_FUSED_LINEAR_CROSS_ENTROPY = MODE_FLAGS[mode]
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = model.loss(*batches[i % 2])
@@ -115,13 +116,14 @@ def worker(spec: dict) -> dict:
 
     out = {**spec, "n_win": N, "threads": torch.get_num_threads()}
     if spec["job"] == "time":
-        times = {mo: [] for mo in MODES}
+        modes = tuple(spec.get("modes") or MODES)
+        times = {mo: [] for mo in modes}
         for i in range(spec["warmup"] + spec["steps"]):
-            for mo in (MODES if i % 2 == 0 else MODES[::-1]):
+            for mo in (modes if i % 2 == 0 else modes[::-1]):
                 t = step(i, mo)
                 if i >= spec["warmup"]:
                     times[mo].append(t)
-        for mo in MODES:
+        for mo in modes:
             ts = sorted(times[mo])
             out[mo] = {"step_s": ts[len(ts) // 2], "step_min_s": ts[0]}
         return out
@@ -159,12 +161,23 @@ def main(argv=None) -> int:
                     help="timed steps per mode (default: 10; 4 for paper on CPU)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the runs (default: torch's)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    ap.add_argument("--json-out", default=None, metavar="PATH",
+                    help="also write the environment and the rows as JSON to PATH")
+    ap.add_argument("--check-args", action="store_true",
+                    help="validate the arguments, print them, and exit without measuring")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="a config that fails is reported with its error and the others still run (exit 1)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    bad = [m for m in args.modes.split(",") if m not in MODES]
+    if bad or not modes:
+        ap.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
 
     import torch
 
@@ -174,14 +187,31 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.is_available()
     configs = args.configs or ("cpu:tiny,cpu:paper" + (",cuda:paper:bf16,cuda:tiny" if gpu else ""))
+    parsed = [parse_config(text.strip()) for text in configs.split(",")]
+    for cfg in parsed:
+        try:
+            preset(cfg["preset"])
+        except ValueError as e:
+            ap.error(f"--configs: {e}")
     env = environment()
-    cap = ops._C.cpu_capability() if ops.HAVE_EXT else "-"
+    cap = ops._ext._C.cpu_capability() if ops.HAVE_EXT else "-"
     print(f"# train_speed: {env['cpu']} ({env['cpu_cores']} cores, SIMD {','.join(env['cpu_simd']) or '-'}; "
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, wavenet_ae._C compiled for {cap}), "
           f"torch {env['torch']} with {env['torch_threads']} threads, GPU: {env['gpu'] or 'none'}")
-    print(f"# fused kernels: CPU {ops.residual_cpu_info() if ops.HAVE_RESIDUAL_KERNELS else 'no'}, "
-          f"CUDA {'yes' if ops.HAVE_RESIDUAL_CUDA else 'no'}; warmup={args.warmup}")
-    rows = []
+    cpu_info = ops.residual_layer_cpu_info() if ops.has_kernel("residual_layer_fwd", "cpu") else "no"
+    cuda_info = "yes" if ops.has_kernel("residual_layer_fwd", "cuda") else "no"
+    print(f"# fused kernels: CPU {cpu_info}, CUDA {cuda_info}; warmup={args.warmup}")
+    if args.check_args:
+        # everything but the measuring: what the worker uses must exist
+        from wavenet_ae import malloc  # noqa: F401
+        from wavenet_ae.model import WaveNetAE  # noqa: F401
+        from wavenet_ae.train import make_optimizer  # noqa: F401
+        for name in ("USE_FUSED_RESIDUAL_LAYER", "USE_FUSED_LINEAR_CROSS_ENTROPY", "fused_residual_layer_available"):
+            getattr(ops, name)
+        print(json.dumps({"configs": parsed, "modes": modes, "steps": args.steps, "warmup": args.warmup,
+                          "json_out": args.json_out, "gpu_here": gpu}))
+        return 0
+    rows, failed = [], []
     t_start = time.time()
     for text in configs.split(","):
         cfg = parse_config(text.strip())
@@ -193,15 +223,22 @@ def main(argv=None) -> int:
             cfg["batch"] = 1 if (cfg["device"] == "cpu" and cfg["preset"] != "tiny") else pcfg.data.n_batch
         steps = args.steps or (10 if cfg["preset"] == "tiny" or cfg["device"] == "cuda" else 4)
         common = {**cfg, "warmup": args.warmup, "threads": args.threads}
-        timing = run_worker({**common, "job": "time", "steps": steps})
-        mem = {mo: run_worker({**common, "job": "memory", "mode": mo}) for mo in MODES}
-        ref_s = timing["reference"]["step_s"]
-        for mo in MODES:
+        try:
+            timing = run_worker({**common, "job": "time", "steps": steps, "modes": list(modes)})
+            mem = {mo: run_worker({**common, "job": "memory", "mode": mo}) for mo in modes}
+        except RuntimeError as e:
+            if not args.keep_going:
+                raise
+            failed.append({**cfg, "config": text.strip(), "error": str(e)[-2000:]})
+            print(f"# FAILED {text}: {str(e)[-1000:]}", flush=True)
+            continue
+        ref_s = timing["reference"]["step_s"] if "reference" in modes else None
+        for mo in modes:
             o = {**cfg, "mode": mo, "n_win": timing["n_win"], "threads": timing["threads"], **timing[mo],
                  **{k: mem[mo][k] for k in ("peak_mb", "train_mb") if k in mem[mo]}}
             o["samples_per_s"] = o["batch"] * o["n_win"] / o["step_s"]
-            o["speedup"] = ref_s / o["step_s"]
-            o["mem_ratio"] = o["peak_mb"] / mem["reference"]["peak_mb"]
+            o["speedup"] = ref_s / o["step_s"] if ref_s else None
+            o["mem_ratio"] = o["peak_mb"] / mem["reference"]["peak_mb"] if "reference" in mem else None
             o["config"] = text.strip()
             rows.append(o)
     cols = [("device", "device"), ("preset", "preset"), ("dtype", "dtype"), ("batch", "B"), ("n_win", "N"),
@@ -213,7 +250,9 @@ def main(argv=None) -> int:
           f"before the first step. Total {time.time() - t_start:.0f} s.")
     if args.json:
         print(json.dumps(rows, indent=1))
-    return 0
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"environment": env, "rows": rows, "failed": failed}, indent=1))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from wavenet_ae.model.decoder import WaveNet
 LOGIT_TOL = 1e-4
 TIE_EPS = 1e-5      # |CDF - u| below this is a near-tie (fp32 cumsum rounding alone reaches ~1e-5)
 
-needs_cpp = pytest.mark.skipif(not ops.HAVE_GENERATE_KERNELS,
+needs_cpp = pytest.mark.skipif(not ops.has_kernel("wavenet_generate", "cpu"),
                                reason="wavenet_ae._C without generation kernels (rebuild the extension)")
 needs_cuda = pytest.mark.skipif(not ("cuda" in available_engines()),
                                 reason="no CUDA GPU or no CUDA kernels in wavenet_ae._C")
@@ -68,9 +68,9 @@ def _decoder(name: str, seed: int = 0) -> WaveNet:
 
 
 def _cpu_paths() -> list[str]:
-    if not ops.HAVE_GENERATE_KERNELS:
+    if not ops.has_kernel("wavenet_generate", "cpu"):
         return ["generic"]
-    return ["generic"] + (["avx2"] if ops.generate_cpu_path("auto") == "avx2" else [])
+    return ["generic"] + (["avx2"] if ops.wavenet_generate_cpu_path("auto") == "avx2" else [])
 
 
 def _teacher_forced_case(dec: WaveNet, B: int, N: int, seed: int = 1):
@@ -277,7 +277,7 @@ def test_op_checks_arguments_and_schema():
 
 def test_queue_state_continues_across_engines():
     """The python and cpp engines share the queue layout: a chunk run by one continues the other's."""
-    if not ops.HAVE_GENERATE_KERNELS:
+    if not ops.has_kernel("wavenet_generate", "cpu"):
         pytest.skip("no kernels")
     dec = _decoder("tiny")
     w = pack_decoder(dec).weights
@@ -389,7 +389,7 @@ def test_load_run_falls_back_from_a_corrupt_checkpoint(run_dir):
 
 @pytest.mark.parametrize("engine", ["python", "cpp"])
 def test_generate_cli_writes_a_wav_at_the_model_rate(run_dir, wav_file, tmp_path, engine):
-    if engine == "cpp" and not ops.HAVE_GENERATE_KERNELS:
+    if engine == "cpp" and not ops.has_kernel("wavenet_generate", "cpu"):
         pytest.skip("no kernels")
     out = tmp_path / "out" / f"{engine}.wav"
     assert generate_main(["--run-dir", str(run_dir), "--input", str(wav_file), "--out", str(out),

@@ -20,7 +20,7 @@ DECODE_TOL = dict(rtol=3e-7, atol=1e-9)
 HAVE_GPU = torch.cuda.is_available()
 needs_ext = pytest.mark.skipif(not ops.HAVE_EXT, reason="wavenet_ae._C not built")
 needs_cuda_kernels = pytest.mark.skipif(
-    not (HAVE_GPU and ops.HAVE_CUDA_KERNELS), reason="needs a GPU and the CUDA build of wavenet_ae._C"
+    not (HAVE_GPU and ops.has_kernel("mu_law_encode", "cuda")), reason="needs a GPU and the CUDA build of wavenet_ae._C"
 )
 
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda_kernels)]
@@ -202,7 +202,7 @@ def test_cuda_side_stream():
 
 @needs_cuda_kernels
 def test_cuda_wrapper_uses_cuda_kernel():
-    assert ops._use_ext(torch.zeros(1, device="cuda"))
+    assert ops.has_kernel("mu_law_encode", "cuda") and ops.has_kernel("mu_law_encode", torch.device("cuda"))
     x = _audio((10,), torch.float32, "cuda")
     assert ops.mu_law_encode(x).device.type == "cuda"
 
@@ -259,9 +259,9 @@ def test_ref_type_errors():
 
 
 def test_fallback_warns_once_and_require_ext(monkeypatch):
-    monkeypatch.setattr(ops, "HAVE_EXT", False)
-    monkeypatch.setattr(ops, "_EXT_IMPORT_ERROR", ImportError("simulated"))
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(ops._ext, "HAVE_EXT", False)
+    monkeypatch.setattr(ops._ext, "EXT_IMPORT_ERROR", ImportError("simulated"))
+    monkeypatch.setattr(ops._ext, "_warned", set())
     x = _audio((5,), torch.float32, "cpu")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -276,19 +276,36 @@ def test_fallback_warns_once_and_require_ext(monkeypatch):
         ops.require_ext()
 
 
+def test_an_op_without_a_kernel_for_the_device_warns_once_and_falls_back(monkeypatch):
+    """Every op, on a device where the build has no kernel for it (here: the output loss, as on CUDA
+    today), says so once and runs its reference."""
+    monkeypatch.setattr(ops._ext, "_warned", set())
+    monkeypatch.setattr(ops._ext, "has_kernel", lambda op, dev: False)
+    g = torch.Generator().manual_seed(0)
+    h, w, b = torch.randn(2, 4, 5, generator=g), torch.randn(7, 4, generator=g), torch.randn(7, generator=g)
+    target = torch.randint(0, 7, (2, 5), generator=g)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        losses = [ops.linear_cross_entropy(h, w, b, target) for _ in range(3)]
+    msgs = [str(r.message) for r in rec if issubclass(r.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "no cpu kernel for linear_cross_entropy" in msgs[0], msgs
+    assert torch.equal(losses[0], ops.linear_cross_entropy_ref(h, w, b, target))
+
+
 def test_extension_built():
     """CI guard: with WAVENET_AE_REQUIRE_EXT=1 a missing or silently CPU-only extension fails the run."""
     if os.environ.get("WAVENET_AE_REQUIRE_EXT") != "1":
         pytest.skip("set WAVENET_AE_REQUIRE_EXT=1 to require the compiled extension")
-    assert ops.HAVE_EXT, f"wavenet_ae._C failed to import: {ops._EXT_IMPORT_ERROR!r}"
+    assert ops.HAVE_EXT, f"wavenet_ae._C failed to import: {ops.EXT_IMPORT_ERROR!r}"
     ops.require_ext()
-    print(f"_C: cpu_capability={ops._C.cpu_capability()}, has_cuda={ops._C.has_cuda()}")
-    assert ops._C.cpu_capability() in ("avx512", "avx2", "neon", "generic")
+    from wavenet_ae import _C
+    print(f"_C: cpu_capability={_C.cpu_capability()}, has_cuda={_C.has_cuda()}")
+    assert _C.cpu_capability() in ("avx512", "avx2", "neon", "generic")
     cuda_expected = (
         torch.version.cuda is not None
         and os.path.exists("/usr/local/cuda/bin/nvcc")
         and os.environ.get("WAVENET_AE_SKIP_CUDA") != "1"
     )
     if cuda_expected:
-        assert ops._C.has_cuda(), "nvcc and a CUDA torch are present but _C was built CPU-only"
-        assert ops.HAVE_CUDA_KERNELS, "wavenet_ae::mu_law_encode has no CUDA kernel registered"
+        assert _C.has_cuda(), "nvcc and a CUDA torch are present but _C was built CPU-only"
+        assert ops.has_kernel("mu_law_encode", "cuda"), "wavenet_ae::mu_law_encode has no CUDA kernel registered"

@@ -9,7 +9,7 @@ import torch
 
 from wavenet_ae import ops
 
-needs_kernel = pytest.mark.skipif(not ops.HAVE_OUTPUT_LOSS_KERNELS,
+needs_kernel = pytest.mark.skipif(not ops.has_kernel("linear_cross_entropy", "cpu"),
                                   reason="wavenet_ae._C without the output-loss kernel")
 
 # (B, n_in, N, n_quant, bias): tile edges (the kernel's tiles are 128 samples), batch 1, no bias, tiny preset
@@ -40,7 +40,7 @@ def test_matches_reference(case, dtype):
     want = loss_and_grads(ops.linear_cross_entropy_ref,
                           *[None if t is None or not t.is_floating_point() else t.detach().double().requires_grad_()
                             for t in args[:3]], args[3], upstream=0.7)
-    assert ops.fused_output_loss_available(args[0])
+    assert ops.fused_linear_cross_entropy_available(args[0])
     got = loss_and_grads(ops.linear_cross_entropy, *args, upstream=0.7)
     tol_loss, tol_grad = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-4)
     assert got[0].dtype == dtype
@@ -102,12 +102,12 @@ def test_opcheck_schema_and_fake():
 
 def test_dispatch_flag_and_fallback(monkeypatch):
     h, w, b, target = make(2, 4, 10, 6, True, dtype=torch.float32)
-    monkeypatch.setattr(ops, "USE_FUSED_OUTPUT_LOSS", False)
-    assert not ops.fused_output_loss_available(h)
+    monkeypatch.setattr(ops, "USE_FUSED_LINEAR_CROSS_ENTROPY", False)
+    assert not ops.fused_linear_cross_entropy_available(h)
     ref = ops.linear_cross_entropy(h, w, b, target)
-    monkeypatch.setattr(ops, "USE_FUSED_OUTPUT_LOSS", True)
-    assert ops.fused_output_loss_available(h) == ops.HAVE_OUTPUT_LOSS_KERNELS
-    assert not ops.fused_output_loss_available(h.bfloat16())  # no bf16 kernel: the reference runs
+    monkeypatch.setattr(ops, "USE_FUSED_LINEAR_CROSS_ENTROPY", True)
+    assert ops.fused_linear_cross_entropy_available(h) == ops.has_kernel("linear_cross_entropy", "cpu")
+    assert not ops.fused_linear_cross_entropy_available(h.bfloat16())  # no bf16 kernel: the reference runs
     assert torch.allclose(ops.linear_cross_entropy(h, w, b, target), ref, rtol=1e-5)
 
 

@@ -20,8 +20,8 @@ from wavenet_ae.config import preset
 from wavenet_ae.model import WaveNetAE
 
 HAVE_GPU = torch.cuda.is_available()
-needs_cpu_kernel = pytest.mark.skipif(not ops.HAVE_RESIDUAL_KERNELS, reason="wavenet_ae._C without the residual kernels")
-needs_cuda_kernel = pytest.mark.skipif(not (HAVE_GPU and ops.HAVE_RESIDUAL_CUDA),
+needs_cpu_kernel = pytest.mark.skipif(not ops.has_kernel("residual_layer_fwd", "cpu"), reason="wavenet_ae._C without the residual kernels")
+needs_cuda_kernel = pytest.mark.skipif(not (HAVE_GPU and ops.has_kernel("residual_layer_fwd", "cuda")),
                                        reason="needs a GPU and the CUDA build of wavenet_ae._C")
 
 NAMES = ("x", "lc", "g", "w_dil", "b_dil", "w_lc", "w_gc", "w_res", "b_res", "w_skip", "b_skip")
@@ -170,9 +170,9 @@ def test_cpu_aten_gemm_fallback_matches_reference():
     import os
     import subprocess
     import sys
-    assert "gemm=" in ops.residual_cpu_info()
+    assert "gemm=" in ops.residual_layer_cpu_info()
     env = dict(os.environ, WAVENET_AE_CPU_GEMM="aten")
-    info = subprocess.run([sys.executable, "-c", "from wavenet_ae import ops; print(ops.residual_cpu_info())"],
+    info = subprocess.run([sys.executable, "-c", "from wavenet_ae import ops; print(ops.residual_layer_cpu_info())"],
                           env=env, capture_output=True, text=True, check=True).stdout
     assert "gemm=aten" in info
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
@@ -207,7 +207,7 @@ def test_deterministic():
 
 @pytest.mark.parametrize("fn", ["fused_residual_layer", "residual_layer_ref"])
 def test_too_short_input_is_a_clear_error(fn):
-    if fn == "fused_residual_layer" and not ops.HAVE_RESIDUAL_KERNELS:
+    if fn == "fused_residual_layer" and not ops.has_kernel("residual_layer_fwd", "cpu"):
         pytest.skip("no kernel")
     args = make_layer(L=8, d=8)  # n = 0
     with pytest.raises(ValueError, match="too short for 2 taps at dilation 8"):
@@ -243,11 +243,11 @@ def test_opcheck_schema_and_fake():
 
 def test_dispatch_flag_and_fallback(monkeypatch):
     x = torch.zeros(1, 2, 5)
-    monkeypatch.setattr(ops, "USE_FUSED_RESIDUAL", False)
-    assert not ops.fused_residual_available(x)
-    monkeypatch.setattr(ops, "USE_FUSED_RESIDUAL", True)
-    assert ops.fused_residual_available(x) == ops.HAVE_RESIDUAL_KERNELS
-    assert not ops.fused_residual_available(x.bfloat16())  # no CPU bf16 kernel: the reference runs
+    monkeypatch.setattr(ops, "USE_FUSED_RESIDUAL_LAYER", False)
+    assert not ops.fused_residual_layer_available(x)
+    monkeypatch.setattr(ops, "USE_FUSED_RESIDUAL_LAYER", True)
+    assert ops.fused_residual_layer_available(x) == ops.has_kernel("residual_layer_fwd", "cpu")
+    assert not ops.fused_residual_layer_available(x.bfloat16())  # no CPU bf16 kernel: the reference runs
     args = make_layer(dtype=torch.bfloat16)
     x_out, skip = ops.residual_layer(*args, 3, 10)
     assert x_out.dtype == skip.dtype == torch.bfloat16
@@ -267,8 +267,8 @@ def _batch(model, n_win, B, seed):
 
 def _loss_and_grads(model, batch, fused, seed=0):
     """fused: every fused kernel (residual layers and the output loss); else the PyTorch references."""
-    old = ops.USE_FUSED_RESIDUAL, ops.USE_FUSED_OUTPUT_LOSS
-    ops.USE_FUSED_RESIDUAL = ops.USE_FUSED_OUTPUT_LOSS = fused
+    old = ops.USE_FUSED_RESIDUAL_LAYER, ops.USE_FUSED_LINEAR_CROSS_ENTROPY
+    ops.USE_FUSED_RESIDUAL_LAYER = ops.USE_FUSED_LINEAR_CROSS_ENTROPY = fused
     try:
         torch.manual_seed(seed)  # jitter draws the same numbers in both runs
         model.zero_grad()
@@ -276,7 +276,7 @@ def _loss_and_grads(model, batch, fused, seed=0):
         loss.backward()
         return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     finally:
-        ops.USE_FUSED_RESIDUAL, ops.USE_FUSED_OUTPUT_LOSS = old
+        ops.USE_FUSED_RESIDUAL_LAYER, ops.USE_FUSED_LINEAR_CROSS_ENTROPY = old
 
 
 @needs_cpu_kernel
@@ -309,14 +309,14 @@ def test_state_dict_is_unchanged_and_interchangeable():
     other.load_state_dict(model.state_dict())  # same names and shapes in both modes: nothing to convert
     batch = _batch(model, cfg.data.n_win, B=1, seed=5)
     model.eval(), other.eval()
-    ops_old = ops.USE_FUSED_RESIDUAL
+    ops_old = ops.USE_FUSED_RESIDUAL_LAYER
     try:
-        ops.USE_FUSED_RESIDUAL = True
+        ops.USE_FUSED_RESIDUAL_LAYER = True
         a = model(*batch)[0]
-        ops.USE_FUSED_RESIDUAL = False
+        ops.USE_FUSED_RESIDUAL_LAYER = False
         b = other(*batch)[0]
     finally:
-        ops.USE_FUSED_RESIDUAL = ops_old
+        ops.USE_FUSED_RESIDUAL_LAYER = ops_old
     assert (a - b).abs().max() < 1e-4
 
 

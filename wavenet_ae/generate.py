@@ -49,9 +49,9 @@ class EngineUnavailable(RuntimeError):
 
 def available_engines() -> list[str]:
     out = ["python"]
-    if ops.HAVE_GENERATE_KERNELS:
+    if ops.has_kernel("wavenet_generate", "cpu"):
         out.append("cpp")
-    if ops.HAVE_GENERATE_CUDA and torch.cuda.is_available():
+    if ops.has_kernel("wavenet_generate", "cuda") and torch.cuda.is_available():
         out.append("cuda")
     return out
 
@@ -67,14 +67,14 @@ def resolve_engine(name: str) -> str:
         return best
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose one of auto, {', '.join(ENGINES)}")
-    if name == "cpp" and not ops.HAVE_GENERATE_KERNELS:
+    if name == "cpp" and not ops.has_kernel("wavenet_generate", "cpu"):
         raise EngineUnavailable(f"engine 'cpp' needs the compiled extension wavenet_ae._C with the generation "
-                                f"kernels ({ops._EXT_IMPORT_ERROR or 'built before they existed'}); "
+                                f"kernels ({ops.EXT_IMPORT_ERROR or 'built before they existed'}); "
                                 f"rebuild with: {ops.REBUILD_CMD}")
     if name == "cuda":
         if not torch.cuda.is_available():
             raise EngineUnavailable("engine 'cuda' needs a CUDA GPU; none is visible")
-        if not ops.HAVE_GENERATE_CUDA:
+        if not ops.has_kernel("wavenet_generate", "cuda"):
             raise EngineUnavailable("engine 'cuda': wavenet_ae._C was built without CUDA kernels; rebuild with "
                                     f"WAVENET_AE_FORCE_CUDA=1 {ops.REBUILD_CMD}")
     return name
@@ -173,7 +173,7 @@ class Generator:
                              "runs float32")
         self.packed = pack_decoder(decoder, device, weight_dtype)
         self.device = self.packed.weights.embed.device
-        self.cpu_path = ops.generate_cpu_path(cpu_path) if self.engine == "cpp" else None
+        self.cpu_path = ops.wavenet_generate_cpu_path(cpu_path) if self.engine == "cpp" else None
         self.n_quant = self.packed.weights.n_quant
 
     @property
@@ -207,10 +207,7 @@ class Generator:
         w = self.packed.weights
         if self.engine == "python":
             return ops.wavenet_generate_ref(w, cond, u, forced, queues, x_prev, t0, want_logits)
-        return torch.ops.wavenet_ae.wavenet_generate(
-            w.embed, w.w_dil, w.w_out, w.b_out, w.w_post1, w.b_post1, w.w_post2, w.b_post2,
-            list(w.dilations), cond, u, forced, queues, x_prev, int(t0), bool(want_logits),
-            self.cpu_path or "auto")
+        return ops.wavenet_generate(w, cond, u, forced, queues, x_prev, t0, want_logits, self.cpu_path or "auto")
 
     @torch.no_grad()
     def run(self, lc: torch.Tensor, g: torch.Tensor, x0: torch.Tensor, forced: torch.Tensor | None = None,

@@ -65,7 +65,7 @@ class ResidualLayer(nn.Module):
         """x (B, n_res, L), lc (B, n_lc_out, >= L'), g (B, n_global_embed) -> x' (B, n_res, L'),
         skip (B, n_skp, n_out) for the last n_out positions; L' = L - (n_kern - 1) * dilation."""
         # ops.residual_layer_ref is this math in plain PyTorch; the fused kernel runs where available
-        # (ops.USE_FUSED_RESIDUAL = False forces the reference).
+        # (ops.USE_FUSED_RESIDUAL_LAYER = False forces the reference).
         res = self.res
         return ops.residual_layer(x, lc, g, self.dil_conv.weight, self.dil_conv.bias, self.lc_proj.weight,
                                   self.gc_proj.weight, None if res is None else res.weight,
