@@ -12,7 +12,7 @@ Environment switches (read at build time, never from the GPUs visible at build t
     WAVENET_AE_SKIP_EXT=1    no extension at all: pure-Python package, ops use the PyTorch references
     WAVENET_AE_SKIP_CUDA=1   CPU kernels only
     WAVENET_AE_FORCE_CUDA=1  CUDA kernels required: fail the build if nvcc or a CUDA torch is missing
-    TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0+PTX": PTX lets newer GPUs JIT-compile)
     MAX_JOBS                 parallel compile jobs for ninja (default 2)
     CUDA_HOME                CUDA toolkit (default /usr/local/cuda when it exists)
 
@@ -94,7 +94,7 @@ def _extensions_and_cmdclass():
     link_args = ["-fopenmp", "-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
 
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += _sources("csrc/cuda/*.cu")
         _log(f"building CUDA extension ({why}); TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
              f"MAX_JOBS={os.environ['MAX_JOBS']}")

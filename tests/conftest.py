@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -18,3 +20,26 @@ def synth_corpus(tmp_path):
                 sf.write(root / f"spk{s}" / f"u{u}.wav", wav.astype(np.float32), sample_rate)
         return root
     return make
+
+
+# --- the `cuda` marker: `pytest -m cuda` runs exactly the tests that need a GPU -----------------------
+# (scripts/gpu_check.sh runs them on a lent GPU.) A test is a CUDA test when its name says so (test ids
+# like `test_cuda_*` or `...[...-cuda]`) or when it carries a skipif whose reason names a GPU or CUDA.
+
+def _is_cuda_test(item) -> bool:
+    if "cuda" in item.name.lower():
+        return True
+    return any(re.search(r"\b(gpu|cuda)\b", str(mark.kwargs.get("reason", "")), re.I)
+               for mark in item.iter_markers("skipif"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (set by tests/conftest.py from the test's name or "
+                                       "its skip reason); `pytest -m cuda` runs exactly these")
+
+
+@pytest.hookimpl(tryfirst=True)          # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_cuda_test(item):
+            item.add_marker(pytest.mark.cuda)
