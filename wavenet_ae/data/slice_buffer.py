@@ -30,6 +30,7 @@ from ..features import mfcc_features
 from ..ops import mu_law_encode
 from ..rfield import WindowPlan
 from .corpus import BadAudioError, Corpus, CorpusError, load_audio, load_or_skip, warn_skip
+from .windows import valid_starts, window_slices
 
 STATE_VERSION = 2          # 2: + bad files (version 1 positions are read as having none)
 
@@ -48,8 +49,9 @@ class Batch:
 def make_batch(chunks: list[tuple[int, np.ndarray, int]], picks: list[tuple[int, int]],
                p: WindowPlan, m: ModelConfig, position: dict) -> Batch:
     """Cut windows (chunk index, t0) out of loaded (file index, wav, speaker id) triples."""
-    enc = np.stack([chunks[c][1][t0 - p.enc_offset: t0 - p.enc_offset + p.enc_len] for c, t0 in picks])
-    dec = np.stack([chunks[c][1][t0 - p.dec_context: t0 + p.n_win] for c, t0 in picks])
+    cuts = [(chunks[c][1], window_slices(t0, p)) for c, t0 in picks]
+    enc = np.stack([wav[e] for wav, (e, _) in cuts])
+    dec = np.stack([wav[d] for wav, (_, d) in cuts])
     return Batch(feats=torch.from_numpy(mfcc_features(enc, m)),
                  dec_q=mu_law_encode(torch.from_numpy(dec), m.n_quant),
                  speaker=torch.tensor([chunks[c][2] for c, _ in picks], dtype=torch.int64),
@@ -123,7 +125,7 @@ class SliceBuffer:
             except BadAudioError as e:
                 self._skip(idx, e.reason)
                 continue
-            n_starts = len(wav) - self.p.total_len + 1
+            n_starts = len(valid_starts(len(wav), self.p))
             if n_starts <= 0:
                 self._skip(idx, f"{len(wav)} samples once decoded, shorter than one window "
                                 f"({self.p.total_len})")
@@ -253,7 +255,7 @@ def fixed_batches(corpus: Corpus, m: ModelConfig, p: WindowPlan, n_batch: int,
         wav = load_or_skip(utt.path, m.sample_rate)
         if wav is None:
             continue
-        starts = range(p.before, len(wav) - p.after + 1)
+        starts = valid_starts(len(wav), p)
         if not starts:
             continue
         k = max(1, min(len(starts) // p.n_win, n_batch * max_batches))
