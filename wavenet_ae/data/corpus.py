@@ -81,8 +81,8 @@ class Corpus:
 
     def summary(self) -> str:
         reasons = Counter(r.split(":")[0] for _, r in self.rejected)
-        hours = sum(u.n_samples for u in self.utterances)
-        text = f"{len(self.utterances)} files, {len(self.speakers)} speakers, {hours} samples"
+        samples = sum(u.n_samples for u in self.utterances)
+        text = f"{len(self.utterances)} files, {len(self.speakers)} speakers, {samples} samples"
         if self.rejected:
             text += f"; skipped {len(self.rejected)}: " + ", ".join(f"{k} {v}" for k, v in reasons.items())
         return text

@@ -28,7 +28,10 @@ def jitter(z: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Conditioning(nn.Module):
-    """latents (B, n_latent, M) -> local conditioning (B, n_lc_out, (M - pre) * hop + K - hop...)."""
+    """latents (B, n_latent, M) -> local conditioning (B, n_lc_out, T) at the wav rate. Jitter keeps
+    M - 2 frames, the conv at 50 Hz M - 2 - (n_lc_kern - 1) = M', and each transposed conv maps length n
+    to (n - 1) * stride + kernel, so T = hop * (M' - 1) + K with K the upsampling stack's span;
+    `rfield.conditioning_layers` gives the same lengths and `WaveNetAE.local_conditioning` the crop."""
 
     def __init__(self, m: ModelConfig):
         super().__init__()
