@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table  # noqa: E402
 
-GAIN_MIN = 0.02       # nats/sample; below it the training log warns that the latents look unused
+from wavenet_ae.diagnostics import CONDITIONING_GAIN_MIN  # noqa: E402  (training's alert threshold)
 
 
 def run_one(out: Path, bottleneck: str, seed: int, steps: int, threads: int) -> int:
@@ -134,8 +134,9 @@ def targets(rows: list[dict]) -> list[str]:
     bound = lambda r: None if mfcc(r, "speaker") is None else (1 / r["n_speakers"] + mfcc(r, "speaker")) / 2
     vq = [r for r in rows if r["bottleneck"] == "vqvae"]
     checks = [
-        (f"conditioning gain clearly positive (final >= {GAIN_MIN} nats/sample) and rising (final > mid-run)",
-         rows, lambda r: _cmp(r["gain"], GAIN_MIN) and _cmp(r["gain"], r["gain_mid"], strict=True),
+        (f"conditioning gain clearly positive (final >= {CONDITIONING_GAIN_MIN} nats/sample) and rising "
+         f"(final > mid-run)",
+         rows, lambda r: _cmp(r["gain"], CONDITIONING_GAIN_MIN) and _cmp(r["gain"], r["gain_mid"], strict=True),
          lambda r: f"{num(r['gain'])} (mid-run {num(r['gain_mid'])})"),
         ("vqvae codebook perplexity >= n_codes / 4", vq, lambda r: _cmp(r["perplexity"], r["n_codes"] / 4),
          lambda r: f"{num(r['perplexity'], '.1f')} (n_codes / 4 = {r['n_codes'] / 4:g})"),
@@ -166,7 +167,7 @@ def plot(rows: list[dict], out: Path) -> None:
         steps, gains, ces = zip(*r["validation"]) if r["validation"] else ((), (), ())
         ax[0].plot(steps, gains, "o-", label=r["name"])
         ax[1].plot(steps, ces, "o-", label=r["name"])
-    ax[0].axhline(GAIN_MIN, color="gray", ls=":", lw=1)
+    ax[0].axhline(CONDITIONING_GAIN_MIN, color="gray", ls=":", lw=1)
     ax[0].set(xlabel="step", ylabel="nats / sample", title="conditioning gain (shuffled - true latents)")
     ax[1].set(xlabel="step", ylabel="nats / sample", title="validation cross-entropy")
     for a in ax:

@@ -164,3 +164,21 @@ def test_training_refuses_to_restart_when_no_checkpoint_verifies(tmp_path):
     assert r.returncode != 0
     assert f"error: none of the 2 checkpoints in {d} verifies" in r.stderr and "--run-dir" in r.stderr
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before      # nothing rewritten, nothing new
+
+
+def test_rng_state_saves_and_restores_only_this_ranks_gpu(monkeypatch):
+    """A resumed process may see fewer GPUs than the one that saved: only the rank's own device's state
+    is saved and restored (older checkpoints hold one per visible GPU: this rank's is picked)."""
+    states = {0: torch.full((8,), 0, dtype=torch.uint8), 1: torch.full((8,), 1, dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((device, int(s[0]))))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves every GPU"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("restores every GPU"))
+    cpu = torch.get_rng_state()
+    s = checkpoint.rng_state("cuda:1")
+    assert len(s["cuda"]) == 1 and int(s["cuda"][0][0]) == 1
+    checkpoint.set_rng_state(s, "cuda:0")                  # the resumed rank sits on another index
+    checkpoint.set_rng_state({**s, "cuda": [states[0], states[1]]}, "cuda:1")    # an older checkpoint
+    assert restored == [(torch.device("cuda:0"), 1), (torch.device("cuda:1"), 1)]
+    assert checkpoint.rng_state("cpu")["cuda"] == [] and torch.equal(torch.get_rng_state(), cpu)

@@ -1,4 +1,5 @@
-"""Is the latent used? `diagnostics.evaluate` and `codebook_stats` on constructed cases with known answers."""
+"""Is the latent used? `diagnostics.held_out_diagnostics` and `codebook_stats` on constructed cases with
+known answers."""
 import math
 from types import SimpleNamespace
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from wavenet_ae.config import BOTTLENECKS, preset
-from wavenet_ae.diagnostics import codebook_stats, evaluate
+from wavenet_ae.diagnostics import codebook_stats, held_out_diagnostics
 from wavenet_ae.model import WaveNetAE
 
 
@@ -36,11 +37,11 @@ def _model_and_batches(bottleneck, n_batches=2, B=4, seed=0):
 @pytest.mark.parametrize("bottleneck", BOTTLENECKS)
 def test_decoder_without_local_conditioning_has_zero_conditioning_gain(bottleneck):
     model, batches = _model_and_batches(bottleneck)
-    before = evaluate(model, batches)
+    before = held_out_diagnostics(model, batches)
     with torch.no_grad():
         for layer in model.decoder.layers:
             layer.lc_proj.weight.zero_()
-    after = evaluate(model, batches)
+    after = held_out_diagnostics(model, batches)
     print(bottleneck, "gain before", before["conditioning_gain"], "after", after["conditioning_gain"])
     assert abs(before["conditioning_gain"]) > 1e-3            # the latents change the prediction
     assert after["conditioning_gain"] == pytest.approx(0.0, abs=1e-6)
@@ -50,14 +51,14 @@ def test_decoder_without_local_conditioning_has_zero_conditioning_gain(bottlenec
 @pytest.mark.parametrize("zeroed", ["speaker embedding", "gc_proj"])
 def test_decoder_without_global_conditioning_has_zero_speaker_gain(zeroed):
     model, batches = _model_and_batches("ae")
-    before = evaluate(model, batches)
+    before = held_out_diagnostics(model, batches)
     with torch.no_grad():
         if zeroed == "speaker embedding":
             model.speaker.weight.zero_()
         else:
             for layer in model.decoder.layers:
                 layer.gc_proj.weight.zero_()
-    after = evaluate(model, batches)
+    after = held_out_diagnostics(model, batches)
     print(zeroed, "speaker gain before", before["speaker_gain"], "after", after["speaker_gain"])
     assert abs(before["speaker_gain"]) > 1e-3
     assert after["speaker_gain"] == pytest.approx(0.0, abs=1e-6)
@@ -72,7 +73,7 @@ def test_collapsed_codebook_carries_nothing_the_decoder_could_use():
         bn.codebook.zero_()
         bn.codebook[5] = 100.0
     bn.initialized.fill_(True)
-    out = evaluate(model, batches)
+    out = held_out_diagnostics(model, batches)
     assert out["perplexity"] == pytest.approx(1.0) and out["codes_used"] == 1
     assert out["conditioning_gain"] == pytest.approx(0.0, abs=1e-6)
 
@@ -115,7 +116,7 @@ def test_speaker_gain_is_measured_against_a_different_speaker_for_every_window()
         b.speaker = torch.tensor([0, 0, 1, 1])
     with torch.no_grad():
         model.speaker.weight[1] = 30 * torch.randn_like(model.speaker.weight[1])   # speaker 1: far off
-    out = evaluate(model, batches)
+    out = held_out_diagnostics(model, batches)
     model.eval()
     with torch.no_grad():
         true = [_ce(model, b, b.speaker) for b in batches]
@@ -131,12 +132,12 @@ def test_speaker_gain_is_measured_against_a_different_speaker_for_every_window()
 
 def test_speaker_gain_with_a_single_speaker_is_nan_without_its_forward_pass():
     model, batches = _model_and_batches("vqvae")
-    keys = set(evaluate(model, batches))
+    keys = set(held_out_diagnostics(model, batches))
     for b in batches:
         b.speaker = torch.full_like(b.speaker, 2)
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
-    out = evaluate(model, batches)
+    out = held_out_diagnostics(model, batches)
     assert math.isnan(out["speaker_gain"]) and math.isnan(out["ce_shuffled_speakers"])
     assert set(out) == keys                                  # the same keys as with several speakers
     assert math.isfinite(out["conditioning_gain"]) and math.isfinite(out["ce"])

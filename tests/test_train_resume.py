@@ -1,4 +1,5 @@
 """Training in real processes, interrupted by real signals, resumes bit-exactly."""
+import copy
 import json
 import os
 import random
@@ -189,7 +190,8 @@ def test_a_corpus_of_bad_files_is_one_clear_line(tmp_path):
         wav = 0.1 * np.ones(16000, np.float32)
         wav[100] = np.nan
         sf.write(tmp_path / "corpus" / f"spk{s}" / "u0.wav", wav, 16000, subtype="FLOAT")
-    r = subprocess.run(_cmd(tmp_path / "run", "--data", str(tmp_path / "corpus")),
+    # valid_fraction=0: every file is a training file (which files a hash holds out depends on the path)
+    r = subprocess.run(_cmd(tmp_path / "run", "--data", str(tmp_path / "corpus"), "valid_fraction=0"),
                        env=_env(PYTHONWARNINGS="default"), capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -234,20 +236,52 @@ def test_the_stop_vote_is_a_collective_on_the_training_device(monkeypatch):
     assert seen == [torch.device("meta")]
 
 
-def test_rng_state_saves_and_restores_only_this_ranks_gpu(monkeypatch):
-    """A resumed process may see fewer GPUs than the one that saved: only the rank's own device's state
-    is saved and restored (older checkpoints hold one per visible GPU: this rank's is picked)."""
-    from wavenet_ae import train
-    states = {0: torch.full((8,), 0, dtype=torch.uint8), 1: torch.full((8,), 1, dtype=torch.uint8)}
-    restored = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((device, int(s[0]))))
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves every GPU"))
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("restores every GPU"))
-    cpu = torch.get_rng_state()
-    s = train.rng_state("cuda:1")
-    assert len(s["cuda"]) == 1 and int(s["cuda"][0][0]) == 1
-    train.set_rng_state(s, "cuda:0")                       # the resumed rank sits on another index
-    train.set_rng_state({**s, "cuda": [states[0], states[1]]}, "cuda:1")    # an older checkpoint
-    assert restored == [(torch.device("cuda:0"), 1), (torch.device("cuda:1"), 1)]
-    assert train.rng_state("cpu")["cuda"] == [] and torch.equal(torch.get_rng_state(), cpu)
+def test_an_old_format_checkpoint_upgrades_and_loads(tmp_path):
+    """Format 0 (no "format" key): optimizer groups saying fused=None, a vqvae model state without
+    steps_seen (from before the VQ warm-up). `checkpoint.upgrade`, through load_latest and load_run,
+    fixes both on the dict; model and optimizer then load strictly and step as the ones that saved."""
+    from wavenet_ae.config import preset
+    from wavenet_ae.model import WaveNetAE
+    from wavenet_ae.run_dir import load_run
+    from wavenet_ae.train import make_optimizer
+    torch.manual_seed(0)
+    cfg = preset("tiny").with_overrides([*SMALL, "bottleneck=vqvae", "vq_warmup_steps=0"])
+
+    def update(model, opt, seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+    model = WaveNetAE(cfg.model)
+    opt = make_optimizer(model, cfg)
+    update(model, opt, 1)
+    old = {"step": 1, "config": cfg.to_dict(), "speakers": ["a", "b"], "optimizer": opt.state_dict(),
+           "model": {k: v for k, v in model.state_dict().items() if k != "bottleneck.steps_seen"}}
+    for group in old["optimizer"]["param_groups"]:
+        group["fused"] = None
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    checkpoint.save(tmp_path, 1, old)
+
+    state = checkpoint.load_latest(tmp_path)
+    assert state["format"] == checkpoint.FORMAT
+    assert [g["fused"] for g in state["optimizer"]["param_groups"]] == [True]
+    assert int(state["model"]["bottleneck.steps_seen"]) == 0
+    resumed = WaveNetAE(cfg.model)
+    resumed.load_state_dict(state["model"])
+    resumed_opt = make_optimizer(resumed, cfg)
+    resumed_opt.load_state_dict(state["optimizer"])
+    assert [g["fused"] for g in resumed_opt.param_groups] == [True]
+    update(model, opt, 2)
+    update(resumed, resumed_opt, 2)
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    run = load_run(tmp_path)
+    assert run.step == 1 and run.speakers == ["a", "b"] and int(run.model.bottleneck.steps_seen) == 0
+
+    current = {"format": checkpoint.FORMAT, "model": {"bottleneck.codebook": None},
+               "optimizer": {"param_groups": [{"fused": None}]}}
+    assert checkpoint.upgrade(copy.deepcopy(current)) == current      # the current format: nothing to do
+    checkpoint.save(tmp_path, 2, {**old, "format": checkpoint.FORMAT + 1})
+    with pytest.raises(checkpoint.CheckpointError, match="newer"):
+        checkpoint.load_latest(tmp_path)

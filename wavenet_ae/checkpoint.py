@@ -10,19 +10,23 @@ checkpoint with a warning; if checkpoint files exist but none verifies, loading 
 `CheckpointError` (never a silent restart from step 0).
 
 `list_checkpoints` and `newest_loadable` are the one listing and the one newest-that-loads of the
-package (`run_dir.load_run` uses them too).
+package (`run_dir.load_run` uses them too); what `newest_loadable` returns has been through `upgrade`,
+the one place that knows older layouts of the state dict. `rng_state` / `set_rng_state` are the RNG
+part of that state.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import random
 import re
 import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 MAGIC = b"WAVENET_AE_CKPT1\n"
@@ -30,6 +34,10 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 _HEAD = len(MAGIC) + 32
 
 _warned_damaged: set[Path] = set()      # damaged files save() has already warned about (warn once)
+
+# Layout version of the training state dict, stored as state["format"]; absent = 0. `upgrade` brings
+# an older one to this; bump it with every migration added there.
+FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
@@ -145,8 +153,9 @@ def load_file(path: str | Path, map_location="cpu") -> dict:
 
 def newest_loadable(run_dir: str | Path, load: Callable[[Path], dict] | None = None,
                     warn_category: type[Warning] = UserWarning) -> tuple[int, Path, dict] | None:
-    """(step, path, state) of the newest checkpoint that `load` (default: `load_file`) reads; a file it
-    rejects with `CheckpointError` is reported with a warning and the previous one tried.
+    """(step, path, state) of the newest checkpoint that `load` (default: `load_file`) reads, the state
+    `upgrade`d to the current format; a file `load` rejects with `CheckpointError` is reported with a
+    warning and the previous one tried.
 
     None when there is no checkpoint file at all (a fresh run). A `CheckpointError` when there are
     checkpoint files but none of them loads: silently starting over would throw the run away."""
@@ -156,12 +165,15 @@ def newest_loadable(run_dir: str | Path, load: Callable[[Path], dict] | None = N
     for i in range(len(found) - 1, -1, -1):
         step, path = found[i]
         try:
-            return step, path, load(path)
+            state = load(path)
         except CheckpointError as e:
             errors.append(e)
             then = (f"falling back to the previous checkpoint {found[i - 1][1].name}" if i > 0
                     else "no earlier checkpoint")
             warnings.warn(f"{e}; {then}", warn_category, stacklevel=2)
+            continue
+        # outside the try: a format newer than this code is an error, not a reason to fall back
+        return step, path, upgrade(state) if isinstance(state, dict) else state
     if not found:
         return None
     d = checkpoint_dir(run_dir)
@@ -173,7 +185,63 @@ def newest_loadable(run_dir: str | Path, load: Callable[[Path], dict] | None = N
 
 
 def load_latest(run_dir: str | Path, map_location="cpu") -> dict | None:
-    """The newest checkpoint that verifies; corrupt ones are reported and skipped. None if there is no
-    checkpoint file; `CheckpointError` if there are some but none verifies."""
+    """The newest checkpoint that verifies, `upgrade`d; corrupt ones are reported and skipped. None if
+    there is no checkpoint file; `CheckpointError` if there are some but none verifies."""
     found = newest_loadable(run_dir, lambda p: load_file(p, map_location))
     return None if found is None else found[2]
+
+
+# --- format migrations -----------------------------------------------------------------------------
+
+def upgrade(state: dict) -> dict:
+    """`state` (a checkpoint's dict, changed in place and returned) brought from its `format` (absent:
+    0) to `FORMAT`. A format newer than this code is a `CheckpointError`. Older per-GPU RNG lists are
+    read by `set_rng_state` instead: which entry is this rank's depends on the device it resumes on."""
+    version = state.get("format", 0)
+    if version > FORMAT:
+        raise CheckpointError(f"checkpoint format {version} is newer than this wavenet_ae reads ({FORMAT}): "
+                              f"update wavenet_ae")
+    if version < 1:
+        # format 0 optimizers said fused=None: the same Adam as make_optimizer's fused one, in its
+        # slower loop; resuming takes the fused kernel
+        for group in state.get("optimizer", {}).get("param_groups", []):
+            if group.get("fused") is None:
+                group["fused"] = True
+        model = state.get("model", {})
+        for key in [k for k in model if k == "codebook" or k.endswith(".codebook")]:
+            add_vq_step_count(model, key[:-len("codebook")])
+    state["format"] = FORMAT
+    return state
+
+
+def add_vq_step_count(model_state: dict, prefix: str) -> None:
+    """A VQ bottleneck's state (keys under `prefix`) from before the VQ warm-up has no `steps_seen`:
+    those configs had no warm-up, so 0. Also called by `VQBottleneck` on a state dict loaded directly."""
+    model_state.setdefault(prefix + "steps_seen", torch.zeros((), dtype=torch.long))
+
+
+# --- RNG state -------------------------------------------------------------------------------------
+
+def rng_state(device: str = "cpu") -> dict:
+    """Every generator this rank draws from: CPU torch, numpy, Python, and its own GPU's (only that
+    one: a resumed process may see fewer GPUs than the one that saved)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    dev = torch.device(device)
+    return {"torch": torch.get_rng_state(),
+            "cuda": [torch.cuda.get_rng_state(dev)] if dev.type == "cuda" else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(s: dict, device: str = "cpu") -> None:
+    torch.set_rng_state(s["torch"])
+    dev = torch.device(device)
+    if s["cuda"] and dev.type == "cuda":
+        # one state: this rank's device. Checkpoints before that saved one per visible GPU (from 0):
+        # this rank's is at its device index.
+        cuda = s["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[dev.index or 0], dev)
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))

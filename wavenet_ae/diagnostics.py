@@ -6,6 +6,11 @@ import math
 
 import torch
 
+# Alert thresholds: below them training warns and flags the progress bar (runlog.Logger); the
+# representation benchmark's conditioning-gain target is the same number.
+CONDITIONING_GAIN_MIN = 0.02      # nats/sample: the decoder barely uses the latents
+PERPLEXITY_MIN = 2.0              # vqvae codebook perplexity: the codebook has collapsed
+
 
 def speaker_ids(batches) -> torch.Tensor:
     """The sorted set of speaker ids present across all the batches."""
@@ -20,7 +25,7 @@ def other_speakers(spk: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device="cpu") -> dict:
+def held_out_diagnostics(model, batches, device="cpu") -> dict:
     """Mean over batches of: ce (nats/sample), ce_shuffled_latents, ce_shuffled_speakers, and
     conditioning_gain / speaker_gain (shuffled minus true). Latents are shuffled by rolling the
     batch by one, which pairs each window with another utterance's latents. Speakers are replaced by

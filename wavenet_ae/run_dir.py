@@ -10,8 +10,8 @@ A run dir holds (DESIGN.md, CLI contract)
 ignored; one that fails its checksum falls back to the previous one, with a warning; none that loads is
 an error) and returns the model in evaluation mode. Listing and newest-that-loads are those of
 `wavenet_ae.checkpoint`, which the training loop resumes with. Checkpoints of the training loop (header
-+ sha256) and plain `torch.save` dicts are both read. Every failure is a `RunDirError` whose message
-names the missing or broken file.
++ sha256) and plain `torch.save` dicts are both read, older formats upgraded (`checkpoint.upgrade`).
+Every failure is a `RunDirError` whose message names the missing or broken file.
 """
 from __future__ import annotations
 
@@ -45,17 +45,6 @@ class Run:
             return self.speakers.index(name)
         except ValueError:
             raise KeyError(f"unknown speaker {name!r}; known speakers: {', '.join(self.speakers)}") from None
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[Path, int]]:
-    """(path, step) of every `checkpoints/step-NNNNNNNN.pt`, newest first (`checkpoint.list_checkpoints`)."""
-    return [(p, s) for s, p in reversed(checkpoint.list_checkpoints(run_dir))]
-
-
-def latest_checkpoint(run_dir: str | Path) -> tuple[Path, int] | None:
-    """(path, step) of the highest-numbered `checkpoints/step-NNNNNNNN.pt`, or None."""
-    found = list_checkpoints(run_dir)
-    return found[0] if found else None
 
 
 def _torch_load(path: Path) -> dict:

@@ -15,7 +15,6 @@ import random
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +22,15 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, malloc
+from .checkpoint import rng_state, set_rng_state
 from .config import Config, preset
-from .data import DEMO_CORPUS
-from .data.corpus import Corpus, CorpusError, index_corpus, load_or_skip, split_corpus
+from .data.corpus import Corpus, CorpusError, load_or_skip
 from .data.slice_buffer import SliceBuffer, fixed_batches
-from .diagnostics import evaluate
+from .data.splits import load_corpora
+from .diagnostics import held_out_diagnostics
 from .features import mfcc_features
 from .model import WaveNetAE
+from .runlog import Logger
 
 # keys that may differ between a run's config.json and a resume command
 SAFE_TO_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
@@ -52,14 +53,6 @@ class StopFlag:
 
 
 # --- run directory ---------------------------------------------------------------------------------
-
-def load_corpora(data: str | None, cfg: Config) -> dict[str, Corpus]:
-    """{'train', 'valid', 'test'} corpora of `data` (default: the bundled demo corpus)."""
-    from .rfield import plan
-    source = Path(data) if data else DEMO_CORPUS
-    corpus = index_corpus(source, cfg.model.sample_rate, plan(cfg.model, cfg.data.n_win).total_len)
-    return split_corpus(corpus, source, cfg.data.valid_fraction)
-
 
 def feature_stats(corpus: Corpus, cfg: Config, max_files: int = 64):
     """Per-coefficient mean/std of the features over (a deterministic sample of) training files;
@@ -121,33 +114,6 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Adam:
     of small ops per parameter (tiny preset on 2 CPU cores: 1.3 ms a step instead of 4-9 ms)."""
     return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             fused=True)
-
-
-# --- RNG state -------------------------------------------------------------------------------------
-
-def rng_state(device: str = "cpu") -> dict:
-    """Every generator this rank draws from: CPU torch, numpy, Python, and its own GPU's (only that
-    one: a resumed process may see fewer GPUs than the one that saved)."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    dev = torch.device(device)
-    return {"torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state(dev)] if dev.type == "cuda" else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": [py[0], list(py[1]), py[2]]}
-
-
-def set_rng_state(s: dict, device: str = "cpu") -> None:
-    torch.set_rng_state(s["torch"])
-    dev = torch.device(device)
-    if s["cuda"] and dev.type == "cuda":
-        # one state: this rank's device. Checkpoints before that saved one per visible GPU (from 0):
-        # this rank's is at its device index.
-        cuda = s["cuda"]
-        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[dev.index or 0], dev)
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
 
 # --- distributed -----------------------------------------------------------------------------------
@@ -219,9 +185,7 @@ def train(args) -> int:
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        for group in opt.param_groups:  # older checkpoints say fused=None: the same Adam, its slower loop
-            group["fused"] = opt.defaults["fused"]
+        opt.load_state_dict(ckpt["optimizer"])      # older formats were upgraded by load_latest
         sched.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["step"])
         if len(ckpt["data_position"]) != world:
@@ -254,7 +218,7 @@ def train(args) -> int:
         rngs = gather(rng_state(device), world)
         if is_main:
             checkpoint.save(run_dir, step, {
-                "step": step, "config": cfg.to_dict(), "speakers": speakers,
+                "format": checkpoint.FORMAT, "step": step, "config": cfg.to_dict(), "speakers": speakers,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "data_position": positions, "rng": rngs,
             }, keep=cfg.train.keep_checkpoints)
@@ -298,7 +262,7 @@ def train(args) -> int:
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}", **log.alerts)
             bar.update(1)
             if is_main and valid_batches and (step % cfg.train.validate_every == 0 or step == max_steps):
-                log.validation(step, evaluate(model, valid_batches, device),
+                log.validation(step, held_out_diagnostics(model, valid_batches, device),
                                warn=step > cfg.train.lr_warmup_steps)
             if step % cfg.train.checkpoint_every == 0 or step == max_steps:
                 save()
@@ -325,89 +289,6 @@ def _agree(flag: bool, world: int, device: str) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-class Logger:
-    """log.jsonl + TensorBoard scalars; warnings when the latent looks unused."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled, self.run_dir = enabled, run_dir
-        self.alerts: dict[str, str] = {}
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            self.jsonl = open(run_dir / "log.jsonl", "a")
-
-    def _write(self, record: dict) -> None:
-        # a value that could not be measured (NaN, e.g. the speaker gain of one speaker) is null: strict JSON
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-
-    def scalars(self, step: int, kind: str, values: dict) -> None:
-        if not self.enabled:
-            return
-        self._write({"step": step, "kind": kind, "time": time.time(), **values})
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
-
-    def validation(self, step: int, values: dict, warn: bool = True) -> None:
-        self.alerts.clear()
-        if values["conditioning_gain"] < 0.02:
-            self.alerts["latents"] = "UNUSED?"
-            if warn:
-                warnings.warn(f"step {step}: conditioning gain {values['conditioning_gain']:.4f} "
-                              "nats/sample: the decoder barely uses the latents")
-        if "perplexity" in values and values["perplexity"] < 2.0:
-            self.alerts["codebook"] = "COLLAPSED"
-            if warn:
-                warnings.warn(f"step {step}: codebook perplexity {values['perplexity']:.2f}: collapse")
-        self.scalars(step, "valid", {k: v for k, v in values.items() if not isinstance(v, list)})
-        if self.enabled and "kl_per_dim" in values:
-            self._write({"step": step, "kind": "valid_kl_per_dim", "kl_per_dim": values["kl_per_dim"]})
-
-    def close_message(self, msg: str) -> None:
-        if self.enabled:
-            self._write({"kind": "event", "time": time.time(), "message": msg})
-        print(msg, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
-            self.jsonl.close()
-            plot_losses(self.run_dir)
-
-
-def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: training loss and held-out CE / conditioning gain from log.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    recs = [json.loads(line) for line in open(run_dir / "log.jsonl") if line.strip()]
-    tr = [r for r in recs if r.get("kind") == "train"]
-    va = [r for r in recs if r.get("kind") == "valid"]
-    if not tr:
-        return None
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    ax[0].plot([r["step"] for r in tr], [r["ce"] for r in tr], label="train CE", lw=0.8)
-    if va:
-        ax[0].plot([r["step"] for r in va], [r["ce"] for r in va], "o-", label="valid CE")
-        ax[0].plot([r["step"] for r in va], [r["ce_shuffled_latents"] for r in va], "s--",
-                   label="valid CE, shuffled latents")
-        ax[1].plot([r["step"] for r in va], [r["conditioning_gain"] for r in va], "o-", label="latents")
-        ax[1].plot([r["step"] for r in va], [r["speaker_gain"] for r in va], "s-", label="speaker")
-    ax[0].set(xlabel="step", ylabel="nats / sample", title="cross-entropy")
-    ax[1].set(xlabel="step", ylabel="nats / sample", title="conditioning gain (shuffled - true)")
-    for a in ax:
-        if a.get_legend_handles_labels()[0]:
-            a.legend()
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    out = run_dir / "loss.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def parse_args(argv=None):

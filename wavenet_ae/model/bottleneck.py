@@ -19,6 +19,7 @@ from torch import nn
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import checkpoint
 from ..config import ModelConfig
 
 
@@ -81,8 +82,7 @@ class VQBottleneck(nn.Module):
         return d.argmin(dim=1).view(z_e.shape[0], z_e.shape[2])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # checkpoints from before the warm-up existed have no step count (their configs no warm-up)
-        state_dict.setdefault(prefix + "steps_seen", self.steps_seen.clone())
+        checkpoint.add_vq_step_count(state_dict, prefix)   # a pre-warm-up state loaded without `upgrade`
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._steps = None
 
