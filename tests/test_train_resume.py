@@ -190,8 +190,10 @@ def test_a_corpus_of_bad_files_is_one_clear_line(tmp_path):
         wav = 0.1 * np.ones(16000, np.float32)
         wav[100] = np.nan
         sf.write(tmp_path / "corpus" / f"spk{s}" / "u0.wav", wav, 16000, subtype="FLOAT")
+    cmd = _cmd(tmp_path / "run", "--data", str(tmp_path / "corpus"))
     # valid_fraction=0: every file is a training file (which files a hash holds out depends on the path)
-    r = subprocess.run(_cmd(tmp_path / "run", "--data", str(tmp_path / "corpus"), "valid_fraction=0"),
+    cmd.insert(cmd.index("--set") + 1, "valid_fraction=0")
+    r = subprocess.run(cmd,
                        env=_env(PYTHONWARNINGS="default"), capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
