@@ -12,7 +12,8 @@ Environment switches (read at build time, never from the GPUs visible at build t
     WAVENET_AE_SKIP_EXT=1    no extension at all: pure-Python package, ops use the PyTorch references
     WAVENET_AE_SKIP_CUDA=1   CPU kernels only
     WAVENET_AE_FORCE_CUDA=1  CUDA kernels required: fail the build if nvcc or a CUDA torch is missing
-    TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0+PTX": PTX lets newer GPUs JIT-compile)
+    TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0+PTX": PTX lets newer GPUs JIT-compile);
+                             the build records the nvcc targets: wavenet_ae.ops.build_info()["cuda_archs"]
     MAX_JOBS                 parallel compile jobs for ninja (default 2)
     CUDA_HOME                CUDA toolkit (default /usr/local/cuda when it exists)
 
@@ -47,6 +48,27 @@ def _log(msg: str) -> None:
 def _sources(pattern: str) -> list:
     # Relative paths keep the build reproducible and the ninja file short.
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cuda_arch_tokens() -> list:
+    """The CUDA targets nvcc builds for TORCH_CUDA_ARCH_LIST: 'sm_XY' (machine code) and 'compute_XY'
+    (PTX), read from torch's own -gencode flags (what the build passes to nvcc); the extension reports them
+    in build_info()["cuda_archs"]."""
+    import re
+
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+        tokens = [m for flag in _get_cuda_arch_flags() for m in re.findall(r"\bcode=(\w+)", flag)]
+    except Exception as e:  # private torch helper: fall back to reading the list ourselves
+        _log(f"could not read torch's -gencode flags ({e!r}); parsing TORCH_CUDA_ARCH_LIST")
+        tokens = []
+        for arch in re.split(r"[;\s,]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "")):
+            num = arch.split("+")[0].replace(".", "")
+            if num:
+                tokens.append(f"sm_{num}")
+                if arch.endswith("+PTX"):
+                    tokens.append(f"compute_{num}")
+    return list(dict.fromkeys(tokens))  # in nvcc's order, once each
 
 
 def _extensions_and_cmdclass():
@@ -96,8 +118,9 @@ def _extensions_and_cmdclass():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += _sources("csrc/cuda/*.cu")
-        _log(f"building CUDA extension ({why}); TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
-             f"MAX_JOBS={os.environ['MAX_JOBS']}")
+        archs = _cuda_arch_tokens()
+        _log(f"building CUDA extension ({why}); TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+             f"({', '.join(archs)}), MAX_JOBS={os.environ['MAX_JOBS']}")
         ext = CUDAExtension(
             name="wavenet_ae._C",
             sources=sources,
@@ -105,7 +128,9 @@ def _extensions_and_cmdclass():
             define_macros=[("WAVENET_AE_WITH_CUDA", "1")],
             extra_link_args=link_args,
             extra_compile_args={
-                "cxx": cxx_flags,
+                # For build_info() (csrc/bindings.cpp stringifies it): identifiers joined by commas, so no
+                # quoting through the ninja file's shell; g++ only, since nvcc splits -D values at commas.
+                "cxx": cxx_flags + [f"-DWAVENET_AE_CUDA_ARCHS={','.join(archs)}"],
                 "nvcc": ["-O3", "-lineinfo"],
             },
         )

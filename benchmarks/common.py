@@ -56,7 +56,11 @@ def cpu_model() -> str:
 
 
 def environment() -> dict:
-    """Machine, CPU SIMD features, threads, torch build, GPU (if any)."""
+    """Machine, CPU SIMD features, threads, torch build, GPU (if any), and the installed wavenet_ae's
+    extension: its build_info() (compiled SIMD, the CPU kernels' paths here, CUDA archs), or why it is
+    not loaded."""
+    from wavenet_ae import ops
+
     flags = cpu_flags()
     env = {
         "cpu": cpu_model(),
@@ -66,6 +70,7 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "wavenet_ae_ext": ops.build_info() if ops.HAVE_EXT else f"not loaded: {ops.EXT_IMPORT_ERROR}",
     }
     return env
 

@@ -21,16 +21,12 @@ import sys
 from pathlib import Path
 
 import torch
+from common import environment, format_table, timeit  # this script's folder: first on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import environment, format_table, timeit  # noqa: E402
-
-from wavenet_ae import ops  # noqa: E402
-from wavenet_ae.config import preset  # noqa: E402
-from wavenet_ae.generate import Generator, available_engines  # noqa: E402
-from wavenet_ae.model.decoder import WaveNet  # noqa: E402
+from wavenet_ae import ops  # the installed package (pip install -e . for the working tree)
+from wavenet_ae.config import preset
+from wavenet_ae.generate import Generator, available_engines
+from wavenet_ae.model.decoder import WaveNet
 
 
 def measure(gen: Generator, dec: WaveNet, B: int, seconds: float, max_steps: int, sample_rate: int,

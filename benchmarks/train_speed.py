@@ -35,9 +35,10 @@ import sys
 import time
 from pathlib import Path
 
+# wavenet_ae is the installed package (pip install -e . for the working tree), never this tree put first
+# on sys.path: that would shadow a regular install's extension. common.py comes from this script's
+# folder, which Python puts first on sys.path.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
 
 MODES = ("reference", "fused-residual", "fused")
 # (ops.USE_FUSED_RESIDUAL_LAYER, ops.USE_FUSED_LINEAR_CROSS_ENTROPY) of each mode
@@ -194,9 +195,10 @@ def main(argv=None) -> int:
         except ValueError as e:
             ap.error(f"--configs: {e}")
     env = environment()
-    cap = ops._ext._C.cpu_capability() if ops.HAVE_EXT else "-"
+    info = ops.build_info() if ops.HAVE_EXT else None
+    paths = ",".join(f"{k}={v}" for k, v in info["cpu_paths"].items()) if info else "-"
     print(f"# train_speed: {env['cpu']} ({env['cpu_cores']} cores, SIMD {','.join(env['cpu_simd']) or '-'}; "
-          f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, wavenet_ae._C compiled for {cap}), "
+          f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, wavenet_ae._C CPU paths {paths}), "
           f"torch {env['torch']} with {env['torch_threads']} threads, GPU: {env['gpu'] or 'none'}")
     cpu_info = ops.residual_layer_cpu_info() if ops.has_kernel("residual_layer_fwd", "cpu") else "no"
     cuda_info = "yes" if ops.has_kernel("residual_layer_fwd", "cuda") else "no"

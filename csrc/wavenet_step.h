@@ -1,5 +1,5 @@
 // Incremental WaveNet generation: the per-sample math, shared by the C++ CPU engine
-// (csrc/cpu/generate.cpp) and the persistent CUDA engine (csrc/cuda/generate.cu).
+// (csrc/cpu/wavenet_generate.cpp) and the persistent CUDA engine (csrc/cuda/wavenet_generate.cu).
 //
 // One generation step for one batch item (fast-wavenet caching, Paine et al. 2016):
 //
@@ -29,17 +29,13 @@
 // Queues: one (sum_l (K-1) d_l, n_res) f32 block per batch item; layer l owns rows
 // [qoff[l], qoff[l] + (K-1) d_l); the input of step t lives in row qoff[l] + t mod (K-1) d_l.
 //
-// This header compiles with g++ (WN_HD = inline) and nvcc (WN_HD = __host__ __device__).
+// This header compiles with g++ and nvcc (WN_HD, csrc/host_device.h).
 #pragma once
 
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define WN_HD __host__ __device__ __forceinline__
-#else
-#define WN_HD inline
-#endif
+#include "host_device.h"
 
 namespace wavenet_ae {
 namespace gen {
@@ -97,7 +93,7 @@ WN_HD float relu(float x) { return x > 0.f ? x : 0.f; }
 // Sampling: the smallest class k with  sum_{j<=k} e_j > u * sum_j e_j,  e_j = exp(l_j - max l),
 // n - 1 when rounding leaves no such k. Sums are taken in kSampleChunks contiguous chunks: chunk sums
 // left to right, and within a chunk left to right, so the sequential loop here and a CUDA warp (one
-// chunk per lane, see generate.cu) add in the same order.
+// chunk per lane, see csrc/cuda/wavenet_generate.cu) add in the same order.
 // ---------------------------------------------------------------------------------------------------
 WN_HD int chunk_begin(int c, int n) {
   const int per = (n + kSampleChunks - 1) / kSampleChunks;

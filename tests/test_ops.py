@@ -8,6 +8,8 @@ Tolerances
 """
 
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -298,14 +300,145 @@ def test_extension_built():
         pytest.skip("set WAVENET_AE_REQUIRE_EXT=1 to require the compiled extension")
     assert ops.HAVE_EXT, f"wavenet_ae._C failed to import: {ops.EXT_IMPORT_ERROR!r}"
     ops.require_ext()
-    from wavenet_ae import _C
-    print(f"_C: cpu_capability={_C.cpu_capability()}, has_cuda={_C.has_cuda()}")
-    assert _C.cpu_capability() in ("avx512", "avx2", "neon", "generic")
+    info = ops.build_info()
+    print(f"build_info: {info}")
     cuda_expected = (
         torch.version.cuda is not None
         and os.path.exists("/usr/local/cuda/bin/nvcc")
         and os.environ.get("WAVENET_AE_SKIP_CUDA") != "1"
     )
     if cuda_expected:
-        assert _C.has_cuda(), "nvcc and a CUDA torch are present but _C was built CPU-only"
+        assert info["cuda"], "nvcc and a CUDA torch are present but _C was built CPU-only"
         assert ops.has_kernel("mu_law_encode", "cuda"), "wavenet_ae::mu_law_encode has no CUDA kernel registered"
+
+
+@needs_ext
+def test_build_info_tells_what_runs():
+    """build_info() reports what the kernels do here, each entry checked against another source."""
+    from wavenet_ae import _C
+    info = ops.build_info()
+    print(info)
+    assert info["abi"] == ops.ABI == ops._ext.ABI
+    assert info["torch"] == torch.__version__.split("+")[0], "built against another torch: rebuild"
+    assert set(info["cpu_paths"]) == {"wavenet_generate", "residual_layer", "linear_cross_entropy", "gemm"}
+    # the generation kernel's own answer, and the residual kernel's own description
+    assert info["cpu_paths"]["wavenet_generate"] == ops.wavenet_generate_cpu_path("auto")
+    cpu_info = ops.residual_layer_cpu_info()
+    assert f"elementwise={info['cpu_paths']['residual_layer']} " in cpu_info, cpu_info
+    assert f"gemm={info['cpu_paths']['gemm']}" in cpu_info, cpu_info
+    # the AVX2 paths run exactly where cpuid has AVX2 and FMA; torch's own dispatch agrees about this CPU
+    avx2 = "avx2" if info["cpu_has_avx2"] else "generic"
+    assert info["cpu_paths"]["residual_layer"] == info["cpu_paths"]["linear_cross_entropy"] == avx2
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert info["cpu_has_avx2"]
+    if info["simd_runtime"] == []:                 # not x86: no run-time selected code at all
+        assert not info["cpu_has_avx2"]
+    assert (_C.cpu_capability() == "avx2") == info["cpu_has_avx2"]
+    assert set(info["simd_compiled"]) <= {"sse2", "sse4_2", "avx", "avx2", "fma", "avx512f", "neon"}
+    if info["openmp"]:
+        assert info["threads"] == torch.get_num_threads()
+    # CUDA kernels built <=> registered; archs named as nvcc targets
+    assert info["cuda"] == ops.has_kernel("mu_law_encode", "cuda") == _C.has_cuda()
+    if info["cuda"]:
+        assert info["cuda_archs"] and all(a.startswith(("sm_", "compute_")) for a in info["cuda_archs"])
+    else:
+        assert info["cuda_archs"] == []
+
+
+@needs_ext
+def test_build_info_reports_the_gemm_path_the_environment_selects():
+    code = "from wavenet_ae import ops; print(ops.build_info()['cpu_paths']['gemm'], ops.residual_layer_cpu_info())"
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, WAVENET_AE_CPU_GEMM="aten"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[0] == "aten" and "gemm=aten" in r.stdout, r.stdout
+
+
+def test_abi_mismatch_counts_as_not_loaded():
+    """An extension built from other sources (another ABI number) is not used: the error names both
+    numbers and the rebuild command."""
+    class Old:                                      # a build from before build_info() existed
+        pass
+
+    class Newer:
+        @staticmethod
+        def build_info():
+            return {"abi": ops.ABI + 1}
+
+    err = ops._ext.check_abi(Old)
+    assert isinstance(err, ImportError)
+    assert f"built from older sources (ABI 0, need {ops.ABI}): rebuild with: {ops.REBUILD_CMD}" in str(err)
+    assert f"built from newer sources (ABI {ops.ABI + 1}, need {ops.ABI})" in str(ops._ext.check_abi(Newer))
+    if ops.HAVE_EXT:
+        assert ops._ext.check_abi(ops._ext._C) is None
+        ext, err = ops._ext.load_extension(need=ops.ABI + 1)   # the real build, checked against another number
+        assert ext is None and f"(ABI {ops.ABI}, need {ops.ABI + 1})" in str(err)
+
+
+def test_abi_mismatch_makes_the_package_fall_back_to_the_references():
+    """End to end, in a fresh process whose wavenet_ae._C is an old build (no build_info): the package
+    loads, counts the extension as absent, runs the references with one warning naming the rebuild
+    command, and require_ext() raises with the ABI numbers."""
+    code = """
+import sys, types, warnings
+sys.modules["wavenet_ae._C"] = types.ModuleType("wavenet_ae._C")    # an old build: no build_info()
+import torch
+from wavenet_ae import ops
+assert not ops.HAVE_EXT and ops._ext._C is None
+assert "built from older sources (ABI 0, need %d): rebuild with: " % ops.ABI in str(ops.EXT_IMPORT_ERROR)
+assert not ops.has_kernel("mu_law_encode", "cpu")
+x = torch.linspace(-1, 1, 11)
+with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    q = ops.mu_law_encode(x)
+assert torch.equal(q, ops.mu_law_encode_ref(x))
+msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+assert len(msgs) == 1 and "ABI 0" in msgs[0] and ops.REBUILD_CMD in msgs[0], msgs
+try:
+    ops.require_ext()
+except RuntimeError as e:
+    assert "ABI 0, need" in str(e), e
+else:
+    raise AssertionError("require_ext() did not raise")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def _gen_weights(device, n_quant=16, n_res=8, n_dil=4, n_skp=8, n_post=8, K=2, dilations=(1, 2)):
+    g = torch.Generator().manual_seed(0)
+    L = len(dilations)
+
+    def r(*shape):
+        return (0.3 * torch.randn(*shape, generator=g)).to(device)
+    return ops.GenWeights(embed=r(n_quant, n_res), w_dil=r(L, K, n_res, 2 * n_dil), w_out=r(L, n_dil, n_res + n_skp),
+                          b_out=r(L, n_res + n_skp), w_post1=r(n_skp, n_post), b_post1=r(n_post),
+                          w_post2=r(n_post, n_quant), b_post2=r(n_quant), dilations=tuple(dilations))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_rejects_bad_classes_before_touching_its_state(device):
+    """wavenet_generate checks the classes in x_prev and forced (on the GPU without a sync before the
+    launch): a bad one raises with the argument's name, and queues / x_prev are left as they were."""
+    w = _gen_weights(device)
+    B, S = 3, 5
+    cond = torch.randn(B, S, 2 * 4 * len(w.dilations), device=device)
+    u = torch.rand(B, S, device=device)
+    queues = torch.randn(B, sum(w.queue_rows), w.n_res, device=device)
+    good_x = torch.tensor([0, 7, 15], device=device)
+    bad_forced = torch.full((B, S), -1, device=device)
+    bad_forced[1, 4] = 16
+    for x_prev, forced, match in ((torch.tensor([0, 16, 3], device=device), None, "x_prev classes"),
+                                  (torch.tensor([0, -1, 3], device=device), None, "x_prev classes"),
+                                  (good_x, bad_forced, "forced classes")):
+        q0, x0 = queues.clone(), x_prev.clone()
+        with pytest.raises(RuntimeError, match=match):
+            ops.wavenet_generate(w, cond, u, forced, queues, x_prev, 0)
+        assert torch.equal(queues, q0) and torch.equal(x_prev, x0)
+    x_prev = good_x.clone()
+    forced = torch.full((B, S), -1, device=device)
+    forced[:, 0] = 15
+    smp, _ = ops.wavenet_generate(w, cond, u, forced, queues, x_prev, 0)   # valid classes run
+    assert torch.equal(smp[:, 0].cpu(), torch.full((B,), 15)) and torch.equal(x_prev, smp[:, -1])

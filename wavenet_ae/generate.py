@@ -68,9 +68,8 @@ def resolve_engine(name: str) -> str:
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose one of auto, {', '.join(ENGINES)}")
     if name == "cpp" and not ops.has_kernel("wavenet_generate", "cpu"):
-        raise EngineUnavailable(f"engine 'cpp' needs the compiled extension wavenet_ae._C with the generation "
-                                f"kernels ({ops.EXT_IMPORT_ERROR or 'built before they existed'}); "
-                                f"rebuild with: {ops.REBUILD_CMD}")
+        raise EngineUnavailable(f"engine 'cpp' needs the compiled extension wavenet_ae._C "
+                                f"({ops.EXT_IMPORT_ERROR}); rebuild with: {ops.REBUILD_CMD}")
     if name == "cuda":
         if not torch.cuda.is_available():
             raise EngineUnavailable("engine 'cuda' needs a CUDA GPU; none is visible")

@@ -5,7 +5,8 @@ plain-PyTorch reference, one module per op:
     wavenet_generate       incremental generation, one call per chunk      (+ _ref, GenWeights)
     residual_layer         the fused gated residual layer for training      (+ _ref)
     linear_cross_entropy   output layer + cross-entropy, logits never kept  (+ _ref)
-    _ext                   loading the extension, ``has_kernel(op, device)``, warn-once fall-backs
+    _ext                   loading the extension (ABI check), ``has_kernel(op, device)``, ``build_info()``,
+                           warn-once fall-backs
 
 Each op ``foo`` has ``foo_ref``, plain PyTorch: the definition the kernels are tested against and the
 fallback where no kernel exists; and ``foo``, which calls ``torch.ops.wavenet_ae.foo`` where the
@@ -20,7 +21,7 @@ USE_EXT = True                          # False: the references everywhere, even
 USE_FUSED_RESIDUAL_LAYER = True         # False: residual_layer_ref in the model where a kernel exists
 USE_FUSED_LINEAR_CROSS_ENTROPY = True   # False: linear_cross_entropy_ref where a kernel exists
 
-from ._ext import EXT_IMPORT_ERROR, HAVE_EXT, REBUILD_CMD, has_kernel, require_ext  # noqa: E402
+from ._ext import ABI, EXT_IMPORT_ERROR, HAVE_EXT, REBUILD_CMD, build_info, has_kernel, require_ext  # noqa: E402
 from .linear_cross_entropy import (fused_linear_cross_entropy_available, linear_cross_entropy,  # noqa: E402
                                    linear_cross_entropy_ref)
 from .mu_law import mu_law_decode, mu_law_decode_ref, mu_law_encode, mu_law_encode_ref  # noqa: E402

@@ -1,29 +1,53 @@
 """Loading the compiled extension ``wavenet_ae._C``, and the one query of what it offers.
 
-The extension is optional. If it is missing the package runs on the references and the first op that
-falls back warns once; ``require_ext()`` raises instead, naming the rebuild command. Whether an op has
-a kernel for a device is one query, ``has_kernel(op, device)``; whether a call takes it also depends on
-the switch flags, attributes of ``wavenet_ae.ops`` read at call time (``flag``).
+The extension is optional. If it is missing, or was built from other sources than these (its ABI
+number differs from ``ABI``), it does not count as loaded: the package runs on the references and the
+first op that falls back warns once; ``require_ext()`` raises instead, naming the rebuild command.
+Whether an op has a kernel for a device is one query, ``has_kernel(op, device)``; whether a call takes
+it also depends on the switch flags, attributes of ``wavenet_ae.ops`` read at call time (``flag``).
+``build_info()`` says what the loaded build holds and which code paths its CPU kernels take here.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
 import warnings
+from types import ModuleType
 
 import torch
 
 REBUILD_CMD = "pip install --no-build-isolation -e ."
 
-try:
-    from wavenet_ae import _C  # noqa: F401  (importing registers torch.ops.wavenet_ae.*)
+# The interface version these sources expect of the extension: csrc/bindings.cpp:kAbi. Bump both when an
+# op is added or removed or a schema changes; a build with another number is treated as not loaded.
+ABI = 1
 
-    HAVE_EXT = True
-    EXT_IMPORT_ERROR: BaseException | None = None
-except ImportError as e:  # not built, or built against another torch
-    _C = None
-    HAVE_EXT = False
-    EXT_IMPORT_ERROR = e
+
+def check_abi(ext: ModuleType, need: int = ABI) -> ImportError | None:
+    """None if the extension module ``ext`` has interface version ``need``, else the error to report
+    (builds older than ``build_info()`` count as ABI 0)."""
+    info = getattr(ext, "build_info", None)
+    have = int(info()["abi"]) if info is not None else 0
+    if have == need:
+        return None
+    age = "older" if have < need else "newer"
+    return ImportError(f"wavenet_ae._C was built from {age} sources (ABI {have}, need {need}): "
+                       f"rebuild with: {REBUILD_CMD}")
+
+
+def load_extension(need: int = ABI) -> tuple[ModuleType | None, BaseException | None]:
+    """(``wavenet_ae._C``, None) when it imports and has interface version ``need``; else (None, why).
+    Importing registers torch.ops.wavenet_ae.* either way; an extension that fails the check is not used."""
+    try:
+        from wavenet_ae import _C as ext
+    except ImportError as e:  # not built, or built against another torch
+        return None, e
+    err = check_abi(ext, need)
+    return (None, err) if err is not None else (ext, None)
+
+
+_C, EXT_IMPORT_ERROR = load_extension()
+HAVE_EXT = _C is not None
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _warned: set = set()
@@ -45,7 +69,7 @@ def has_kernel(op: str, device: str | torch.device) -> bool:
         return False
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"wavenet_ae::{op}", key)
-    except RuntimeError:  # the op is not in this build
+    except RuntimeError:  # no such op (with HAVE_EXT the build has every op these sources know)
         return False
 
 
@@ -57,6 +81,26 @@ def require_ext() -> None:
             f"({type(EXT_IMPORT_ERROR).__name__}: {EXT_IMPORT_ERROR}). "
             f"Rebuild it from the repository root with: {REBUILD_CMD}"
         )
+
+
+def build_info() -> dict:
+    """What the loaded extension holds and how its CPU kernels run on this machine (``_C.build_info()``):
+
+    abi               interface version (== ``ABI``, else the extension would not count as loaded)
+    torch             the torch version it was compiled against
+    simd_compiled     instruction sets enabled for all of its code at compile time (no -march: the x86-64
+                      baseline, e.g. ['sse2'])
+    simd_runtime      instruction sets of the functions chosen at run time by cpuid (['avx2', 'fma'] on x86)
+    cpu_has_avx2      whether this CPU has AVX2 and FMA (cpuid), i.e. whether those functions run
+    cpu_paths         the path each CPU kernel takes here: wavenet_generate (for path='auto'),
+                      residual_layer and linear_cross_entropy (float32 elementwise passes): 'avx2' | 'generic';
+                      gemm: 'blas' (torch's BLAS on raw pointers) | 'aten' (at::mm; WAVENET_AE_CPU_GEMM=aten)
+    openmp, threads   compiled with -fopenmp; the threads at::parallel_for uses in the kernels
+    cuda, cuda_archs  whether CUDA kernels were built; their nvcc targets (['sm_80', 'compute_90', 'sm_90'])
+
+    Raises like ``require_ext`` when the extension is not loaded."""
+    require_ext()
+    return dict(_C.build_info())
 
 
 def warn_once(key: str, msg: str) -> None:

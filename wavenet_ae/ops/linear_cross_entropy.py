@@ -1,5 +1,5 @@
 """The decoder's output layer and the training cross-entropy in one op: the (B, n_quant, N) logits are
-never stored (``torch.ops.wavenet_ae.linear_cross_entropy``; kernel csrc/cpu/output_loss.cpp)."""
+never stored (``torch.ops.wavenet_ae.linear_cross_entropy``; kernel csrc/cpu/linear_cross_entropy.cpp)."""
 from __future__ import annotations
 
 import torch

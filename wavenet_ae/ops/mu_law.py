@@ -1,5 +1,5 @@
 """mu-law companding of audio into n_quant classes and back (``torch.ops.wavenet_ae.mu_law_encode`` /
-``mu_law_decode``; kernels csrc/cpu/mulaw.cpp, csrc/cuda/mulaw.cu)."""
+``mu_law_decode``; kernels csrc/cpu/mu_law.cpp, csrc/cuda/mu_law.cu, shared math csrc/mu_law.h)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """The gated dilated causal residual layer of the WaveNet decoder, fused for training: forward and
-backward (``torch.ops.wavenet_ae.residual_layer_fwd`` / ``_bwd``; kernels csrc/cpu/residual.cpp,
-csrc/cuda/residual_fwd.cu and residual_bwd.cu)."""
+backward (``torch.ops.wavenet_ae.residual_layer_fwd`` / ``_bwd``; kernels csrc/cpu/residual_layer.cpp,
+csrc/cuda/residual_layer_fwd.cu and residual_layer_bwd.cu, shared checks csrc/residual_layer.h)."""
 from __future__ import annotations
 
 import torch
@@ -89,8 +89,6 @@ def residual_layer_cpu_info() -> str:
     """How the CPU residual-layer kernel runs in this build: 'elementwise=avx2|generic threads=N', with a
     note when the extension was compiled without -fopenmp (then at::parallel_for is serial there)."""
     require_ext()
-    if not has_kernel("residual_layer_cpu_info", "cpu"):
-        return "no CPU residual kernel in this build"
     return torch.ops.wavenet_ae.residual_layer_cpu_info(torch.empty(0))
 
 

@@ -1,12 +1,13 @@
 """Incremental WaveNet generation (fast-wavenet queues), one call per chunk of steps
-(``torch.ops.wavenet_ae.wavenet_generate``; kernels csrc/cpu/generate.cpp, csrc/cuda/generate.cu)."""
+(``torch.ops.wavenet_ae.wavenet_generate``; kernels csrc/cpu/wavenet_generate.cpp,
+csrc/cuda/wavenet_generate.cu, per-step math csrc/wavenet_step.h, checks csrc/wavenet_generate_host.h)."""
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
 
-from ._ext import REBUILD_CMD, has_kernel, no_autocast, require_ext, use_kernel
+from ._ext import has_kernel, no_autocast, require_ext, use_kernel
 
 
 class GenWeights(NamedTuple):
@@ -124,8 +125,6 @@ def wavenet_generate_cpu_path(request: str = "auto") -> str:
     """The CPU code path of the ``cpp`` engine for ``request`` ('auto' | 'generic' | 'avx2'):
     'avx2' (AVX2+FMA intrinsics, chosen by cpuid at run time) or 'generic' (portable loops)."""
     require_ext()
-    if not has_kernel("wavenet_generate", "cpu"):
-        raise RuntimeError("wavenet_ae._C predates the generation kernels; rebuild it with: " + REBUILD_CMD)
     return torch.ops.wavenet_ae.wavenet_generate_cpu_path(torch.empty(0), request)
 
 

@@ -1,6 +1,4 @@
-// Mu-law encode/decode, CUDA kernels. Scalar math lives in mulaw.h (shared with the CPU kernels).
-#include <algorithm>
-
+// Mu-law encode/decode, CUDA kernels. Scalar math lives in mu_law.h (shared with the CPU kernels).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -9,7 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "mulaw.h"
+#include "cuda/launch.cuh"
+#include "mu_law.h"
 
 // Deliberately not <ATen/cuda/CUDAContext.h>: it pulls in cuBLAS/cuSPARSE headers, which a minimal
 // CUDA toolkit (nvcc + cudart only) does not ship.
@@ -17,8 +16,9 @@
 namespace wavenet_ae {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;  // grid-stride loop covers the rest
+using launch::check_cuda;
+using launch::kThreads;
+using launch::num_blocks;
 
 template <typename in_t, typename out_t>
 struct ElementwiseParams {
@@ -28,28 +28,25 @@ struct ElementwiseParams {
   MuLawConsts c;
 };
 
+// `in` (contiguous) -> `out` (same number of elements), n_quant classes.
+template <typename in_t, typename out_t>
+ElementwiseParams<in_t, out_t> set_params(const at::Tensor& in, at::Tensor& out, int64_t n_quant) {
+  ElementwiseParams<in_t, out_t> p{};
+  p.in = in.const_data_ptr<in_t>();
+  p.out = out.data_ptr<out_t>();
+  p.n = in.numel();
+  p.c = mu_law_consts(n_quant);
+  return p;
+}
+
 template <typename scalar_t>
 __global__ void mu_law_encode_kernel(ElementwiseParams<scalar_t, int64_t> p) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
-    p.out[i] = mu_law_encode_one(static_cast<double>(p.in[i]), p.c);
-  }
+  WN_GRID_STRIDE_LOOP(i, p.n) { p.out[i] = mu_law_encode_one(static_cast<double>(p.in[i]), p.c); }
 }
 
 template <typename scalar_t>
 __global__ void mu_law_decode_kernel(ElementwiseParams<scalar_t, float> p) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
-    p.out[i] = mu_law_decode_one(static_cast<int64_t>(p.in[i]), p.c);
-  }
-}
-
-unsigned int num_blocks(int64_t n) {
-  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
-void check_cuda(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", arg, " must be a CUDA tensor, got device ", t.device());
+  WN_GRID_STRIDE_LOOP(i, p.n) { p.out[i] = mu_law_decode_one(static_cast<int64_t>(p.in[i]), p.c); }
 }
 
 at::Tensor mu_law_encode_cuda(const at::Tensor& x, int64_t n_quant) {
@@ -66,8 +63,7 @@ at::Tensor mu_law_encode_cuda(const at::Tensor& x, int64_t n_quant) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "mu_law_encode_cuda", [&] {
-    ElementwiseParams<scalar_t, int64_t> p{xc.const_data_ptr<scalar_t>(), out.data_ptr<int64_t>(), n,
-                                           mu_law_consts(n_quant)};
+    const auto p = set_params<scalar_t, int64_t>(xc, out, n_quant);
     mu_law_encode_kernel<scalar_t><<<num_blocks(n), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -88,8 +84,7 @@ at::Tensor mu_law_decode_cuda(const at::Tensor& q, int64_t n_quant) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_INTEGRAL_TYPES(qc.scalar_type(), "mu_law_decode_cuda", [&] {
-    ElementwiseParams<scalar_t, float> p{qc.const_data_ptr<scalar_t>(), out.data_ptr<float>(), n,
-                                         mu_law_consts(n_quant)};
+    const auto p = set_params<scalar_t, float>(qc, out, n_quant);
     mu_law_decode_kernel<scalar_t><<<num_blocks(n), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,7 +1,11 @@
 // Host-side argument checks of wavenet_ae::wavenet_generate, shared by the CPU and CUDA entry points:
-// every message names the argument and the shape it should have. Builds gen::Params (pointers into the
-// tensors) from the packed weights; see csrc/wavenet_step.h for the layout and
-// wavenet_ae/ops.py:wavenet_generate for the Python side.
+// every message names the argument and the shape it should have. check_problem reads only shapes,
+// dtypes and devices (never tensor data, so never a GPU sync); the class values in x_prev and forced
+// are checked by check_classes: on the host by the CPU engine, by a small kernel ahead of the
+// generation kernel on the GPU (csrc/cuda/wavenet_generate.cu), both raising with fail_on_bad_classes.
+// make_params / make_chunk fill the kernels' gen::Params and gen::Chunk (pointers into the tensors)
+// from the packed weights; see csrc/wavenet_step.h for the layout and
+// wavenet_ae/ops/wavenet_generate.py:wavenet_generate for the Python side.
 #pragma once
 
 #include <optional>
@@ -100,20 +104,49 @@ inline Problem check_problem(const at::Tensor& embed, const at::Tensor& w_dil, c
   if (forced.has_value()) {
     check_tensor(*forced, "forced", 2, at::kLong, dev);
     check_shape(*forced, "forced", {pr.B, pr.S});
-    if (forced->numel()) {
-      TORCH_CHECK(forced->max().item<int64_t>() < D.n_quant, kGenerateOp, ": forced classes must be < n_quant = ",
-                  D.n_quant, " (or negative to sample)");
-    }
   }
   check_tensor(queues, "queues", 3, at::kFloat, dev);
   check_shape(queues, "queues", {pr.B, pr.q_rows, D.n_res});
   check_tensor(x_prev, "x_prev", 1, at::kLong, dev);
   check_shape(x_prev, "x_prev", {pr.B});
-  if (pr.B) {
-    TORCH_CHECK(x_prev.min().item<int64_t>() >= 0 && x_prev.max().item<int64_t>() < D.n_quant, kGenerateOp,
-                ": x_prev classes must lie in [0, n_quant = ", D.n_quant, ")");
-  }
   return pr;
+}
+
+// What check_classes found wrong (a bit set; the CUDA check kernel ORs them into one int).
+enum BadClasses : int {
+  kClassesOk = 0,
+  kBadForced = 1,  // a forced class >= n_quant
+  kBadXPrev = 2,   // an x_prev class outside [0, n_quant)
+};
+
+// Raises for what `bad` (BadClasses bits) reports.
+inline void fail_on_bad_classes(int bad, int64_t n_quant) {
+  TORCH_CHECK(!(bad & kBadForced), kGenerateOp, ": forced classes must be < n_quant = ", n_quant,
+              " (or negative to sample)");
+  TORCH_CHECK(!(bad & kBadXPrev), kGenerateOp, ": x_prev classes must lie in [0, n_quant = ", n_quant, ")");
+}
+
+// The class values of host tensors that check_problem validated (CPU engine): read in place.
+inline void check_classes(const Problem& pr, const std::optional<at::Tensor>& forced, const at::Tensor& x_prev) {
+  const int64_t nq = pr.dims.n_quant;
+  int bad = kClassesOk;
+  if (forced.has_value()) {
+    const int64_t* f = forced->const_data_ptr<int64_t>();
+    for (int64_t i = 0, n = pr.B * pr.S; i < n; ++i) {
+      if (f[i] >= nq) {
+        bad |= kBadForced;
+        break;
+      }
+    }
+  }
+  const int64_t* x = x_prev.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < pr.B; ++b) {
+    if (x[b] < 0 || x[b] >= nq) {
+      bad |= kBadXPrev;
+      break;
+    }
+  }
+  fail_on_bad_classes(bad, nq);
 }
 
 template <class WT>

@@ -1,7 +1,7 @@
 // The decoder's output layer and its cross-entropy, fused (CPU): logits = W h + b over the classes,
 // loss = sum over samples of logsumexp(logits) - logits[target], and the gradients of that sum,
 // computed tile by tile while the tile's logits are in cache. Reference:
-// wavenet_ae/ops.py:linear_cross_entropy_ref.
+// wavenet_ae/ops/linear_cross_entropy.py:linear_cross_entropy_ref.
 //
 // The (B, n_quant, N) logits of a training step are 10 MB on the tiny preset and more on paper: the
 // unfused head writes them, reads them for log_softmax, writes and reads the log-probabilities,
@@ -34,6 +34,7 @@
 
 #include "blas.h"
 #include "chunks.h"
+#include "cpu_paths.h"
 #include "simd.h"
 
 namespace wavenet_ae {
@@ -187,6 +188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
 }
 
 }  // namespace
+
+// The path exp_shifted takes for float32 (its test, cpuid).
+const char* cpu::linear_cross_entropy_elementwise_path() { return cpu_has_avx2() ? "avx2" : "generic"; }
 
 TORCH_LIBRARY_IMPL(wavenet_ae, CPU, m) {
   m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);

@@ -1,4 +1,5 @@
-// Fused WaveNet residual layer, CUDA backward (csrc/residual.h has the math; residual_fwd.cu the forward).
+// Fused WaveNet residual layer, CUDA backward (csrc/residual_layer.h has the math; residual_layer_fwd.cu
+// the forward).
 //   G_out = [g_xout; g_skip]                      (B, n_o, nc), zeros where a column feeds no output
 //   g_z   = [W_res; W_skip]^T G_out               one batched GEMM, float32
 //   z, g_h from h (recomputed tanh/sigmoid)        one elementwise kernel
@@ -17,15 +18,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/residual_cuda.h"
+#include "cuda/launch.cuh"
+#include "cuda/residual_layer_cuda.h"
 
 namespace wavenet_ae {
 namespace {
 
+using launch::kThreads;
+using launch::num_blocks;
+using launch::sigmoidf;
 using residual::Geom;
 using Opt = std::optional<at::Tensor>;
-
-__device__ __forceinline__ float sigmoidf(float v) { return 1.f / (1.f + expf(-v)); }
 
 template <typename T>
 struct GateBwdParams {
@@ -38,9 +41,23 @@ struct GateBwdParams {
 };
 
 template <typename T>
+GateBwdParams<T> set_gate_bwd_params(const Geom& G, const at::Tensor& h, const at::Tensor& cb, const at::Tensor& gz,
+                                     at::Tensor& z, at::Tensor& gh) {
+  GateBwdParams<T> p{};
+  p.h = h.const_data_ptr<T>();
+  p.cb = cb.const_data_ptr<float>();
+  p.gz = gz.const_data_ptr<float>();
+  p.z = z.data_ptr<T>();
+  p.gh = gh.data_ptr<T>();
+  p.nd = G.nd;
+  p.nc = G.nc;
+  p.total = G.B * G.nd * G.nc;
+  return p;
+}
+
+template <typename T>
 __global__ void gate_bwd_kernel(GateBwdParams<T> p) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.total; i += stride) {
+  WN_GRID_STRIDE_LOOP(i, p.total) {
     const int64_t t = i % p.nc, bc = i / p.nc, c = bc % p.nd, b = bc / p.nd;
     const int64_t ia = (b * 2 * p.nd + c) * p.nc + t, ib = ia + p.nd * p.nc;
     const float* cbb = p.cb + b * 2 * p.nd;
@@ -60,18 +77,43 @@ struct InputGradParams {
   T* __restrict__ gx;             // (B, nr, L) or null
   T* __restrict__ glc;            // (B, nlc, Llc) or null
   int64_t p_rows, lc_row;         // lc_row: first lc row of P
-  int64_t nr, nlc, K, d, L, Llc, n, nc, c0, lc_off, B;
+  int64_t nr, nlc, K, d, L, Llc, n, nc, c0, lc_off;
+  int64_t n_x, total;             // elements of g_x (0 if not asked for); of g_x and g_lc together
 };
+
+// P = W_in^T g_h over rows [p_lo, p_lo + p_rows) of [x taps (K nr); lc (nlc)] (float32); gxo: the residual
+// output's gradient (contiguous) or undefined; g_x / g_lc: undefined or empty when not asked for.
+template <typename T>
+InputGradParams<T> set_input_grad_params(const Geom& G, const at::Tensor& P, int64_t p_lo, const at::Tensor& gxo,
+                                         at::Tensor& g_x, at::Tensor& g_lc, bool need_x, bool need_lc) {
+  InputGradParams<T> p{};
+  p.P = P.const_data_ptr<float>();
+  p.gxo = gxo.defined() ? gxo.const_data_ptr<T>() : nullptr;
+  p.gx = need_x ? g_x.data_ptr<T>() : nullptr;
+  p.glc = need_lc ? g_lc.data_ptr<T>() : nullptr;
+  p.p_rows = P.size(1);
+  p.lc_row = G.K * G.nr - p_lo;
+  p.nr = G.nr;
+  p.nlc = G.nlc;
+  p.K = G.K;
+  p.d = G.d;
+  p.L = G.L;
+  p.Llc = G.Llc;
+  p.n = G.n;
+  p.nc = G.nc;
+  p.c0 = G.c0;
+  p.lc_off = G.lc_off;
+  p.n_x = need_x ? G.B * G.nr * G.L : 0;
+  p.total = p.n_x + (need_lc ? G.B * G.nlc * G.Llc : 0);
+  return p;
+}
 
 // g_x[b, r, u] = g_xout[b, r, u - (K-1) d] + sum_k P[b, k nr + r, u - k d - c0];  then
 // g_lc[b, r, u] = P[b, lc_row + r, u - lc_off]   (terms outside their range are 0).
 template <typename T>
 __global__ void input_grad_kernel(InputGradParams<T> p) {
-  const int64_t n_x = p.gx ? p.B * p.nr * p.L : 0;
-  const int64_t total = n_x + (p.glc ? p.B * p.nlc * p.Llc : 0);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    if (i < n_x) {
+  WN_GRID_STRIDE_LOOP(i, p.total) {
+    if (i < p.n_x) {
       const int64_t u = i % p.L, br = i / p.L, r = br % p.nr, b = br / p.nr;
       float v = 0.f;
       const int64_t tr = u - (p.K - 1) * p.d;
@@ -82,7 +124,7 @@ __global__ void input_grad_kernel(InputGradParams<T> p) {
       }
       p.gx[i] = static_cast<T>(v);
     } else {
-      const int64_t j = i - n_x;
+      const int64_t j = i - p.n_x;
       const int64_t u = j % p.Llc, br = j / p.Llc, r = br % p.nlc, b = br / p.nlc;
       const int64_t t = u - p.lc_off;
       p.glc[j] = static_cast<T>(t >= 0 ? p.P[(b * p.p_rows + p.lc_row + r) * p.nc + t] : 0.f);
@@ -96,7 +138,8 @@ std::vector<at::Tensor> residual_layer_bwd_cuda(
     const at::Tensor& w_gc, const Opt& w_res, const Opt& b_res, const at::Tensor& w_skip, const Opt& b_skip,
     int64_t dilation, int64_t n_out, bool need_x, bool need_lc, bool need_g) {
   constexpr const char* op = residual::kBwdOp;
-  residual::check_cuda(x_, op);
+  launch::check_cuda(x_, op, "x");
+  residual::check_cuda_dtype(x_, op);
   const Geom G = residual::check_args(op, x_, lc_, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip,
                                       dilation, n_out);
   const bool have_gxo = residual::check_grads(op, G, saved, grad_x_out, grad_skip, x_);
@@ -128,9 +171,8 @@ std::vector<at::Tensor> residual_layer_bwd_cuda(
   at::Tensor gh = at::empty({G.B, nd2, G.nc}, o);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "residual_layer_bwd_cuda_gate", [&] {
     using T = scalar_t;
-    GateBwdParams<T> p{h.const_data_ptr<T>(), cb.const_data_ptr<float>(), gz.const_data_ptr<float>(),
-                       z.data_ptr<T>(), gh.data_ptr<T>(), G.nd, G.nc, G.B * G.nd * G.nc};
-    gate_bwd_kernel<T><<<residual::num_blocks(p.total), residual::kThreads, 0, stream>>>(p);
+    const auto p = set_gate_bwd_params<T>(G, h, cb, gz, z, gh);
+    gate_bwd_kernel<T><<<num_blocks(p.total), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
@@ -158,26 +200,8 @@ std::vector<at::Tensor> residual_layer_bwd_cuda(
     const at::Tensor gxo = have_gxo ? grad_x_out->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "residual_layer_bwd_cuda_inputs", [&] {
       using T = scalar_t;
-      InputGradParams<T> p{};
-      p.P = P.const_data_ptr<float>();
-      p.gxo = have_gxo ? gxo.const_data_ptr<T>() : nullptr;
-      p.gx = need_x ? g_x.data_ptr<T>() : nullptr;
-      p.glc = need_lc ? g_lc.data_ptr<T>() : nullptr;
-      p.p_rows = p_rows;
-      p.lc_row = Knr - p_lo;
-      p.nr = G.nr;
-      p.nlc = G.nlc;
-      p.K = G.K;
-      p.d = G.d;
-      p.L = G.L;
-      p.Llc = G.Llc;
-      p.n = G.n;
-      p.nc = G.nc;
-      p.c0 = G.c0;
-      p.lc_off = G.lc_off;
-      p.B = G.B;
-      const int64_t total = (need_x ? G.B * G.nr * G.L : 0) + (need_lc ? G.B * G.nlc * G.Llc : 0);
-      input_grad_kernel<T><<<residual::num_blocks(total), residual::kThreads, 0, stream>>>(p);
+      const auto p = set_input_grad_params<T>(G, P, p_lo, gxo, g_x, g_lc, need_x, need_lc);
+      input_grad_kernel<T><<<num_blocks(p.total), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

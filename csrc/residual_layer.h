@@ -1,6 +1,7 @@
 // One gated dilated causal residual layer of the WaveNet decoder, fused (forward and backward):
-// geometry and argument checks shared by the CPU kernel (csrc/cpu/residual.cpp) and the CUDA kernels
-// (csrc/cuda/residual_fwd.cu, residual_bwd.cu). The reference is wavenet_ae/ops.py:residual_layer_ref.
+// geometry and argument checks shared by the CPU kernel (csrc/cpu/residual_layer.cpp) and the CUDA
+// kernels (csrc/cuda/residual_layer_fwd.cu, residual_layer_bwd.cu). The reference is
+// wavenet_ae/ops/residual_layer.py:residual_layer_ref.
 //
 // Math (all tensors (batch, channels, time); K taps, dilation d, n = L - (K-1) d output steps):
 //   h[:, t]   = b_dil + W_gc g + sum_k W_k x[:, t + k d] + W_lc lc[:, Llc - n + t]     (2 n_dil)

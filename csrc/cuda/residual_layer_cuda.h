@@ -1,8 +1,7 @@
-// Host helpers shared by the fused residual-layer CUDA kernels (residual_fwd.cu, residual_bwd.cu).
-// Matrix products are ATen batched GEMMs (cuBLAS); csrc/residual.h has the math and the geometry.
+// Host helpers shared by the fused residual-layer CUDA kernels (residual_layer_fwd.cu,
+// residual_layer_bwd.cu). Matrix products are ATen batched GEMMs (cuBLAS); csrc/residual_layer.h has the
+// math and the geometry; csrc/cuda/launch.cuh the launch helpers.
 #pragma once
-
-#include <algorithm>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -10,20 +9,15 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
-#include "residual.h"
+#include "cuda/launch.cuh"
+#include "residual_layer.h"
 
 namespace wavenet_ae {
 namespace residual {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;  // grid-stride loops cover the rest
-
-inline unsigned int num_blocks(int64_t n) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
-}
-
-inline void check_cuda(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors, got x on ", x.device());
+// x (the dtype of every input and weight) must be a type the CUDA kernels take; x's device is checked
+// by launch::check_cuda.
+inline void check_cuda_dtype(const at::Tensor& x, const char* op) {
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": the CUDA kernels support float32, bfloat16 and float16, got ", dt);

@@ -1,11 +1,11 @@
-// Mu-law encode/decode, CPU kernels. Scalar math lives in mulaw.h (shared with the CUDA kernels).
+// Mu-law encode/decode, CPU kernels. Scalar math lives in mu_law.h (shared with the CUDA kernels).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-// No FMA contraction in this file (see mulaw.h): results must round like the PyTorch reference
+// No FMA contraction in this file (see mu_law.h): results must round like the PyTorch reference
 // even when the build adds -march flags that enable FMA instructions.
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -13,7 +13,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-#include "mulaw.h"
+#include "mu_law.h"
 
 namespace wavenet_ae {
 namespace {

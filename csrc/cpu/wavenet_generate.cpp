@@ -24,9 +24,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "generate_host.h"
+#include "wavenet_generate_host.h"
 #include "wavenet_step.h"
 
+#include "cpu_paths.h"
 #include "simd.h"
 
 namespace wavenet_ae {
@@ -404,6 +405,7 @@ std::tuple<at::Tensor, at::Tensor> wavenet_generate_cpu(
   TORCH_CHECK(cond.device().is_cpu(), kOp, ": CPU kernel called with cond on ", cond.device());
   TORCH_CHECK(w_dil.scalar_type() == at::kFloat, kOp, ": the CPU engine takes float32 weights, got ",
               w_dil.scalar_type(), " (float16/bfloat16 weights are a CUDA-engine option)");
+  gen::check_classes(pr, forced, x_prev);
   const Params<float> P = gen::make_params<float>(pr, embed, w_dil, w_out, b_out, w_post1, b_post1, w_post2, b_post2);
   const std::string which = resolve_path(std::string(path));
   at::Tensor samples = at::empty({pr.B, pr.S}, x_prev.options());
@@ -434,6 +436,8 @@ std::string wavenet_generate_cpu_path(const at::Tensor& like, c10::string_view r
 }
 
 }  // namespace
+
+std::string cpu::wavenet_generate_path(const std::string& request) { return resolve_path(request); }
 
 TORCH_LIBRARY_IMPL(wavenet_ae, CPU, m) {
   m.impl("wavenet_generate", &wavenet_generate_cpu);

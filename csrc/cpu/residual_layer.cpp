@@ -1,4 +1,4 @@
-// Fused WaveNet residual layer, CPU kernels (forward and backward). Math and layout: csrc/residual.h.
+// Fused WaveNet residual layer, CPU kernels (forward and backward). Math and layout: csrc/residual_layer.h.
 //
 // The time axis of every batch item is cut into tiles of kTile columns; at::parallel_for hands each
 // thread a contiguous run of (item, tile) pairs. Per tile, with X = [x(t); x(t + d); ...; lc(t)] the
@@ -41,16 +41,17 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include "residual.h"
+#include "residual_layer.h"
 
 // at::parallel_for is an inline `#pragma omp parallel` under ATen's OpenMP backend: without -fopenmp
 // on this translation unit every chunk runs on the calling thread.
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
-#pragma message("csrc/cpu/residual.cpp compiled without -fopenmp: at::parallel_for runs serially here")
+#pragma message("csrc/cpu/residual_layer.cpp compiled without -fopenmp: at::parallel_for runs serially here")
 #endif
 
 #include "blas.h"
 #include "chunks.h"
+#include "cpu_paths.h"
 #include "simd.h"
 
 namespace wavenet_ae {
@@ -513,7 +514,7 @@ std::vector<at::Tensor> residual_layer_bwd_cpu(
 
 // How the CPU kernel runs here: elementwise path and threading.
 std::string residual_layer_cpu_info(const at::Tensor& /*like*/) {
-  std::string s = cpu_has_avx2() ? "elementwise=avx2" : "elementwise=generic";
+  std::string s = std::string("elementwise=") + cpu::residual_layer_elementwise_path();
   s += std::string(" gemm=") + cpu::gemm_path();
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
   s += " threads=1 (built without -fopenmp: at::parallel_for is serial in this kernel)";
@@ -524,6 +525,9 @@ std::string residual_layer_cpu_info(const at::Tensor& /*like*/) {
 }
 
 }  // namespace
+
+// The path gate_fwd / gate_bwd take for float32 (their test, cpuid).
+const char* cpu::residual_layer_elementwise_path() { return cpu_has_avx2() ? "avx2" : "generic"; }
 
 TORCH_LIBRARY_IMPL(wavenet_ae, CPU, m) {
   m.impl("residual_layer_cpu_info", &residual_layer_cpu_info);

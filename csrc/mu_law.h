@@ -1,10 +1,10 @@
 // Mu-law companding: the scalar math shared by the CPU and CUDA kernels, and the argument checks.
 //
 // Both kernels evaluate exactly these functions in double precision, in the same operation order as
-// the PyTorch reference in wavenet_ae/ops.py (mu_law_encode_ref / mu_law_decode_ref), with no
+// the PyTorch reference in wavenet_ae/ops/mu_law.py (mu_law_encode_ref / mu_law_decode_ref), with no
 // multiply-add fused into an FMA (one rounding instead of two), so encoded classes match the reference
 // exactly: on the device mul_rn/add_rn are CUDA's never-contracted _rn intrinsics; on the host the
-// including .cpp turns contraction off for its translation unit (csrc/cpu/mulaw.cpp). This is local on
+// including .cpp turns contraction off for its translation unit (csrc/cpu/mu_law.cpp). This is local on
 // purpose: other kernels keep the compilers' default FMA contraction.
 #pragma once
 
@@ -14,18 +14,14 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#if defined(__CUDACC__)
-#define WAVENET_AE_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define WAVENET_AE_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace wavenet_ae {
 
 // Largest supported number of classes (16-bit mu-law). Keeps every class exactly representable.
 constexpr int64_t kMaxQuant = 65536;
 
-WAVENET_AE_HOST_DEVICE double mul_rn(double a, double b) {
+WN_HD double mul_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(a, b);
 #else
@@ -33,7 +29,7 @@ WAVENET_AE_HOST_DEVICE double mul_rn(double a, double b) {
 #endif
 }
 
-WAVENET_AE_HOST_DEVICE double add_rn(double a, double b) {
+WN_HD double add_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dadd_rn(a, b);
 #else
@@ -54,7 +50,7 @@ inline MuLawConsts mu_law_consts(int64_t n_quant) {
 
 // x (any float, clamped to [-1, 1]; NaN is treated as 0) -> class in [0, mu].
 //   y = sign(x) * log1p(mu |x|) / log1p(mu);  q = floor((y + 1) / 2 * mu + 0.5)
-WAVENET_AE_HOST_DEVICE int64_t mu_law_encode_one(double x, MuLawConsts c) {
+WN_HD int64_t mu_law_encode_one(double x, MuLawConsts c) {
   if (x != x) x = 0.0;  // NaN
   x = x < -1.0 ? -1.0 : (x > 1.0 ? 1.0 : x);
   const double mag = ::log1p(mul_rn(c.mu, ::fabs(x))) / c.log1p_mu;
@@ -65,7 +61,7 @@ WAVENET_AE_HOST_DEVICE int64_t mu_law_encode_one(double x, MuLawConsts c) {
 
 // class q (clamped to [0, mu]) -> x in [-1, 1].
 //   y = 2 q / mu - 1;  x = sign(y) * ((1 + mu)^|y| - 1) / mu
-WAVENET_AE_HOST_DEVICE float mu_law_decode_one(int64_t q, MuLawConsts c) {
+WN_HD float mu_law_decode_one(int64_t q, MuLawConsts c) {
   double qd = static_cast<double>(q);
   qd = qd < 0.0 ? 0.0 : (qd > c.mu ? c.mu : qd);
   const double y = add_rn(mul_rn(2.0, qd) / c.mu, -1.0);
