@@ -115,3 +115,14 @@ def _fmt(v) -> str:
 
 def _is_num(s: str) -> bool:
     return s.replace(",", "").replace(".", "").replace("-", "").replace("x", "").isdigit()
+
+
+def add_run_args(ap, unit: str) -> None:
+    """The options every benchmark shares with scripts/gpu_check.py: a JSON copy of the results, an
+    argument check that measures nothing, and going on past a failing `unit` (a row, a config)."""
+    ap.add_argument("--json-out", default=None, metavar="PATH",
+                    help="also write the JSON document (environment and rows) to PATH")
+    ap.add_argument("--check-args", action="store_true",
+                    help="validate the arguments, print them, and exit without measuring")
+    ap.add_argument("--keep-going", action="store_true",
+                    help=f"a {unit} that fails is reported with its error and the others still run (exit 1)")

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import environment, format_table, timeit  # this script's folder: first on sys.path
+from common import add_run_args, environment, format_table, timeit  # this script's folder: first on sys.path
 
 from wavenet_ae import ops  # the installed package (pip install -e . for the working tree)
 from wavenet_ae.config import preset
@@ -61,12 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per row; the best is reported")
     ap.add_argument("--cuda-dtypes", default="fp32,fp16,bf16")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    ap.add_argument("--json-out", default=None, metavar="PATH",
-                    help="also write the JSON document (environment and rows) to PATH")
-    ap.add_argument("--check-args", action="store_true",
-                    help="validate the arguments, print them, and exit without measuring")
-    ap.add_argument("--keep-going", action="store_true",
-                    help="a row that raises is reported with its error and the others still run (exit 1)")
+    add_run_args(ap, "row")
     a = ap.parse_args(argv)
 
     engines = a.engines.split(",") if a.engines else available_engines()

@@ -156,6 +156,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    from common import add_run_args
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=None, help="comma-separated device:preset[:dtype][:batch]")
     ap.add_argument("--steps", type=int, default=None,
@@ -164,12 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the runs (default: torch's)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON too")
-    ap.add_argument("--json-out", default=None, metavar="PATH",
-                    help="also write the environment and the rows as JSON to PATH")
-    ap.add_argument("--check-args", action="store_true",
-                    help="validate the arguments, print them, and exit without measuring")
-    ap.add_argument("--keep-going", action="store_true",
-                    help="a config that fails is reported with its error and the others still run (exit 1)")
+    add_run_args(ap, "config")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
