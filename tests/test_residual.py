@@ -44,9 +44,14 @@ def make_layer(B=2, nr=4, nd=3, ns=5, nlc=3, ng=2, K=2, L=20, d=3, lc_extra=2, r
     return [None if t[k] is None else t[k].to(device).requires_grad_() for k in NAMES]
 
 
+def layer(fn, args, d, n_out):
+    """fn(x, lc, g, ResidualWeights, d, n_out) of the flat list `args` (in NAMES order)."""
+    return fn(*args[:3], ops.ResidualWeights(*args[3:]), d, n_out)
+
+
 def run(fn, args, d, n_out, seed=1):
     """Outputs and the gradients of every input for a fixed random cotangent."""
-    x_out, skip = fn(*args, d, n_out)
+    x_out, skip = layer(fn, args, d, n_out)
     gen = torch.Generator().manual_seed(seed)
     outs = [t for t in (x_out, skip) if t is not None]
     cots = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in outs]
@@ -96,7 +101,7 @@ def test_gradcheck_float64(res, bias, K, d, n_out_short):
 
     def f(*live_args):  # absent biases / residual weights stay None
         it = iter(live_args)
-        outs = ops.fused_residual_layer(*[None if a is None else next(it) for a in args], d, n_out)
+        outs = layer(ops.fused_residual_layer, [None if a is None else next(it) for a in args], d, n_out)
         return tuple(t for t in outs if t is not None)
 
     assert torch.autograd.gradcheck(f, live, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -211,10 +216,10 @@ def test_too_short_input_is_a_clear_error(fn):
         pytest.skip("no kernel")
     args = make_layer(L=8, d=8)  # n = 0
     with pytest.raises(ValueError, match="too short for 2 taps at dilation 8"):
-        getattr(ops, fn)(*args, 8, 1)
+        layer(getattr(ops, fn), args, 8, 1)
     args = make_layer(L=9, d=8)  # n = 1
     with pytest.raises(ValueError, match="n_out=2 must lie in"):
-        getattr(ops, fn)(*args, 8, 2)
+        layer(getattr(ops, fn), args, 8, 2)
 
 
 @needs_cpu_kernel
@@ -249,7 +254,7 @@ def test_dispatch_flag_and_fallback(monkeypatch):
     assert ops.fused_residual_layer_available(x) == ops.has_kernel("residual_layer_fwd", "cpu")
     assert not ops.fused_residual_layer_available(x.bfloat16())  # no CPU bf16 kernel: the reference runs
     args = make_layer(dtype=torch.bfloat16)
-    x_out, skip = ops.residual_layer(*args, 3, 10)
+    x_out, skip = layer(ops.residual_layer, args, 3, 10)
     assert x_out.dtype == skip.dtype == torch.bfloat16
 
 

@@ -69,11 +69,13 @@ class ResidualLayer(nn.Module):
         skip (B, n_skp, n_out) for the last n_out positions; L' = L - (n_kern - 1) * dilation."""
         # ops.residual_layer_ref is this math in plain PyTorch; the fused kernel runs where available
         # (ops.USE_FUSED_RESIDUAL_LAYER = False forces the reference).
+        return ops.residual_layer(x, lc, g, self.weights(), self.dilation, n_out)
+
+    def weights(self) -> ops.ResidualWeights:
         res = self.res
-        return ops.residual_layer(x, lc, g, self.dil_conv.weight, self.dil_conv.bias, self.lc_proj.weight,
-                                  self.gc_proj.weight, None if res is None else res.weight,
-                                  None if res is None else res.bias, self.skip.weight, self.skip.bias,
-                                  self.dilation, n_out)
+        return ops.ResidualWeights(self.dil_conv.weight, self.dil_conv.bias, self.lc_proj.weight,
+                                   self.gc_proj.weight, None if res is None else res.weight,
+                                   None if res is None else res.bias, self.skip.weight, self.skip.bias)
 
 
 class WaveNet(nn.Module):

@@ -25,7 +25,7 @@ from ._ext import ABI, EXT_IMPORT_ERROR, HAVE_EXT, REBUILD_CMD, build_info, has_
 from .linear_cross_entropy import (fused_linear_cross_entropy_available, linear_cross_entropy,  # noqa: E402
                                    linear_cross_entropy_ref)
 from .mu_law import mu_law_decode, mu_law_decode_ref, mu_law_encode, mu_law_encode_ref  # noqa: E402
-from .residual_layer import (fused_residual_layer, fused_residual_layer_available, residual_layer,  # noqa: E402
-                             residual_layer_cpu_info, residual_layer_ref)
+from .residual_layer import (ResidualWeights, fused_residual_layer, fused_residual_layer_available,  # noqa: E402
+                             residual_layer, residual_layer_cpu_info, residual_layer_ref)
 from .wavenet_generate import (GenWeights, sample_from_logits_ref, wavenet_generate,  # noqa: E402
                                wavenet_generate_cpu_path, wavenet_generate_ref)

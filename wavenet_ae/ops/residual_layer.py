@@ -3,6 +3,8 @@ backward (``torch.ops.wavenet_ae.residual_layer_fwd`` / ``_bwd``; kernels csrc/c
 csrc/cuda/residual_layer_fwd.cu and residual_layer_bwd.cu, shared checks csrc/residual_layer.h)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.nn import functional as F
 
@@ -10,6 +12,18 @@ from ._ext import REBUILD_CMD, has_kernel, no_autocast, require_ext, use_kernel
 
 _RESIDUAL_DTYPES = {"cpu": (torch.float32, torch.float64),
                     "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+class ResidualWeights(NamedTuple):
+    """A residual layer's weights as its modules hold them (``decoder.ResidualLayer.weights()``)."""
+    w_dil: torch.Tensor            # (2 n_dil, n_res, K) dilated causal conv
+    b_dil: torch.Tensor | None     # (2 n_dil)
+    w_lc: torch.Tensor             # (2 n_dil, n_lc, 1) local-conditioning projection
+    w_gc: torch.Tensor             # (2 n_dil, n_global) global-conditioning projection
+    w_res: torch.Tensor | None     # (n_res, n_dil, 1); None in the last layer
+    b_res: torch.Tensor | None     # (n_res)
+    w_skip: torch.Tensor           # (n_skp, n_dil, 1)
+    b_skip: torch.Tensor | None    # (n_skp)
 
 
 def _residual_geometry(x: torch.Tensor, lc: torch.Tensor, w_dil: torch.Tensor, dilation: int, n_out: int) -> int:
@@ -29,21 +43,18 @@ def _residual_geometry(x: torch.Tensor, lc: torch.Tensor, w_dil: torch.Tensor, d
     return n
 
 
-def residual_layer_ref(x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip,
-                       dilation: int, n_out: int):
+def residual_layer_ref(x, lc, g, w: ResidualWeights, dilation: int, n_out: int):
     """Reference gated dilated causal residual layer (plain PyTorch; what ``decoder.ResidualLayer`` computes).
 
     x: (B, n_res, L) layer input;  lc: (B, n_lc, >= n) local conditioning (its last n steps are used);
-    g: (B, n_global) global conditioning;  n = L - (K - 1) * dilation.
-    Weights as the layer's modules hold them: w_dil (2 n_dil, n_res, K), b_dil (2 n_dil) or None,
-    w_lc (2 n_dil, n_lc, 1), w_gc (2 n_dil, n_global), w_res (n_res, n_dil, 1) and b_res (n_res), or None in
-    the last layer, w_skip (n_skp, n_dil, 1), b_skip (n_skp) or None.
+    g: (B, n_global) global conditioning;  n = L - (K - 1) * dilation;  w: the layer's weights.
 
         h = conv_dilated(x) + W_lc lc[..., -n:] + W_gc g;  z = tanh(h[:n_dil]) * sigmoid(h[n_dil:])
         x_out = x[..., -n:] + W_res z (None without w_res);  skip = W_skip z[..., -n_out:]
 
     returns (x_out (B, n_res, n) or None, skip (B, n_skp, n_out)), in the dtype of the inputs.
     """
+    w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip = w
     n = _residual_geometry(x, lc, w_dil, dilation, n_out)
     nd = w_dil.shape[0] // 2
     h = F.conv1d(x, w_dil, b_dil, dilation=dilation)
@@ -104,18 +115,17 @@ def fused_residual_layer_available(x: torch.Tensor) -> bool:
     return dev == "cpu" and x.dtype in _RESIDUAL_DTYPES["cpu"]
 
 
-def fused_residual_layer(x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip,
-                         dilation: int, n_out: int):
+def fused_residual_layer(x, lc, g, w: ResidualWeights, dilation: int, n_out: int):
     """The fused residual layer (C++ CPU kernel or CUDA kernels around cuBLAS), forward and backward;
     same contract as ``residual_layer_ref``. Raises if no kernel exists for the inputs (see
     ``fused_residual_layer_available``); ``residual_layer`` picks the kernel or the reference by itself.
     Under CUDA autocast the inputs and weights are cast to the autocast dtype (as conv1d would be)."""
     require_ext()
-    _residual_geometry(x, lc, w_dil, dilation, n_out)
+    _residual_geometry(x, lc, w.w_dil, dilation, n_out)
     if not has_kernel("residual_layer_fwd", x.device):
         raise RuntimeError(f"wavenet_ae._C has no fused residual-layer kernel for {x.device.type}; rebuild it "
                            f"with: {REBUILD_CMD}")
-    args = (x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip)
+    args = (x, lc, g, *w)
     if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         dt = torch.get_autocast_dtype("cuda")
         args = tuple(None if t is None else t.to(dt) for t in args)
@@ -123,16 +133,15 @@ def fused_residual_layer(x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_ski
             x_out, skip = _FusedResidualLayer.apply(*args, int(dilation), int(n_out))
     else:
         x_out, skip = _FusedResidualLayer.apply(*args, int(dilation), int(n_out))
-    return (None if w_res is None else x_out), skip
+    return (None if w.w_res is None else x_out), skip
 
 
-def residual_layer(x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip, dilation: int, n_out: int):
+def residual_layer(x, lc, g, w: ResidualWeights, dilation: int, n_out: int):
     """One residual layer: ``fused_residual_layer`` where available (``fused_residual_layer_available``), else
     ``residual_layer_ref``. What ``decoder.ResidualLayer.forward`` calls."""
     if fused_residual_layer_available(x):
-        return fused_residual_layer(x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip,
-                                    dilation, n_out)
-    return residual_layer_ref(x, lc, g, w_dil, b_dil, w_lc, w_gc, w_res, b_res, w_skip, b_skip, dilation, n_out)
+        return fused_residual_layer(x, lc, g, w, dilation, n_out)
+    return residual_layer_ref(x, lc, g, w, dilation, n_out)
 
 
 if has_kernel("residual_layer_fwd", "cpu"):
