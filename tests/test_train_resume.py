@@ -162,6 +162,18 @@ def test_changed_settings_on_resume_are_a_clear_error(tmp_path):
     assert ok.returncode == 0 and "resumed" in ok.stdout          # max_steps is safe to change
 
 
+def test_the_buffer_size_cannot_change_on_resume(tmp_path):
+    """It decides which files make up a chunk: a resume with another size would not be exact."""
+    from wavenet_ae.config import preset
+    from wavenet_ae.train import config_for_run, parse_args
+    (tmp_path / "config.json").write_text(preset("tiny").to_json())
+    args = parse_args(["--run-dir", str(tmp_path), "--set", "buffer_seconds=5"])
+    with pytest.raises(SystemExit, match="data.buffer_seconds"):
+        config_for_run(tmp_path, args)
+    cfg, is_new = config_for_run(tmp_path, parse_args(["--run-dir", str(tmp_path), "--max-steps", "7"]))
+    assert not is_new and cfg.train.max_steps == 7
+
+
 def test_two_process_gloo_training_checkpoints_every_rank_and_resumes(tmp_path):
     """torchrun with 2 CPU processes (gloo): each rank's data position is saved and restored."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

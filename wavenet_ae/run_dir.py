@@ -1,6 +1,6 @@
 """Read a training run directory for inference (generation, encoding).
 
-A run dir holds (DESIGN.md, CLI contract)
+A run dir (what `python -m wavenet_ae.train --run-dir DIR` writes) holds
 
     DIR/config.json                        wavenet_ae.config.Config as JSON
     DIR/speakers.json                      speaker names, id = index

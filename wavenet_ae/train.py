@@ -33,8 +33,9 @@ from .model import WaveNetAE
 from .runlog import Logger
 
 # keys that may differ between a run's config.json and a resume command
+# (not data.buffer_seconds: the buffer's size decides which files make up a chunk, i.e. the batch stream)
 SAFE_TO_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.validate_every", "train.log_every", "data.buffer_seconds"}
+                  "train.validate_every", "train.log_every"}
 
 
 class StopFlag:
@@ -296,7 +297,9 @@ def parse_args(argv=None):
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--data", help="corpus directory (speaker = first-level folder) or path<TAB>speaker "
                                    "manifest; default: the bundled demo corpus")
-    ap.add_argument("--preset", default=None, choices=["tiny", "paper"])
+    ap.add_argument("--preset", default=None, choices=["tiny", "paper"],
+                    help="hyper-parameters of a new run (default: paper, the paper's model: hours per "
+                         "thousand steps on a CPU; tiny trains visibly in minutes there)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--checkpoint-every", type=int)
