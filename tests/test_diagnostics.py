@@ -107,7 +107,7 @@ def test_other_speakers_pairs_every_window_with_a_different_speaker():
 def _ce(model, b, spk):
     z, _ = model.encode(b.feats)
     h, _ = model(b.feats, b.dec_q, spk, z_override=z, head=False)
-    return model.decoder.output_loss(h, b.dec_q[:, model.receptive_field:]).item()
+    return model.decoder.linear_cross_entropy(h, b.dec_q[:, model.receptive_field:]).item()
 
 
 def test_speaker_gain_is_measured_against_a_different_speaker_for_every_window():

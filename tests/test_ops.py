@@ -279,7 +279,7 @@ def test_fallback_warns_once_and_require_ext(monkeypatch):
 
 
 def test_an_op_without_a_kernel_for_the_device_warns_once_and_falls_back(monkeypatch):
-    """Every op, on a device where the build has no kernel for it (here: the output loss, as on CUDA
+    """Every op, on a device where the build has no kernel for it (here: linear_cross_entropy, as on CUDA
     today), says so once and runs its reference."""
     monkeypatch.setattr(ops._ext, "_warned", set())
     monkeypatch.setattr(ops._ext, "has_kernel", lambda op, dev: False)

@@ -271,7 +271,7 @@ def _batch(model, n_win, B, seed):
 
 
 def _loss_and_grads(model, batch, fused, seed=0):
-    """fused: every fused kernel (residual layers and the output loss); else the PyTorch references."""
+    """fused: every fused kernel (residual layers and linear_cross_entropy); else the PyTorch references."""
     old = ops.USE_FUSED_RESIDUAL_LAYER, ops.USE_FUSED_LINEAR_CROSS_ENTROPY
     ops.USE_FUSED_RESIDUAL_LAYER = ops.USE_FUSED_LINEAR_CROSS_ENTROPY = fused
     try:

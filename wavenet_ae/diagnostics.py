@@ -48,7 +48,7 @@ def held_out_diagnostics(model, batches, device="cpu") -> dict:
             runs.append(("ce_shuffled_speakers", z, other_speakers(spk, ids)))
         for name, zz, ss in runs:
             h, _ = model(feats, dec_q, ss, z_override=zz, head=False)
-            ce[name] = model.decoder.output_loss(h, target).item()
+            ce[name] = model.decoder.linear_cross_entropy(h, target).item()
         for k, v in ce.items():
             sums[k] = sums.get(k, 0.0) + v
         if "codes" in terms:

@@ -68,8 +68,8 @@ class WaveNetAE(nn.Module):
 
     def loss_from(self, h, terms, dec_q):
         """The loss given forward(..., head=False)'s outputs (lets a DistributedDataParallel wrapper run
-        forward); the output layer and cross-entropy run fused (decoder.output_loss)."""
-        ce = self.decoder.output_loss(h, dec_q[:, self.receptive_field:])
+        forward); the output layer and cross-entropy run fused (decoder.linear_cross_entropy)."""
+        ce = self.decoder.linear_cross_entropy(h, dec_q[:, self.receptive_field:])
         total = ce + sum(v for k, v in terms.items() if k.startswith("loss_"))
         terms["ce"] = ce.detach()
         return total, terms

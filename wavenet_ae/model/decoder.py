@@ -96,7 +96,7 @@ class WaveNet(nn.Module):
     def forward_embedded(self, x: torch.Tensor, lc: torch.Tensor, g: torch.Tensor,
                          head: bool = True) -> torch.Tensor:
         """Logits (B, n_quant, N); with head=False the input of the output layer (B, n_post, N),
-        for output_loss."""
+        for linear_cross_entropy."""
         n_out = x.shape[-1] - self.receptive_field + 1
         if n_out <= 0:
             raise ValueError(f"decoder input of {x.shape[-1]} samples is shorter than the receptive "
@@ -108,7 +108,7 @@ class WaveNet(nn.Module):
         h = F.relu(self.post1(F.relu(skips)))
         return self.post2(h) if head else h
 
-    def output_loss(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def linear_cross_entropy(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the logits of h (forward(..., head=False)) against target (B, N):
         ops.linear_cross_entropy, fused on the CPU (the logits are never stored)."""
         return ops.linear_cross_entropy(h, self.post2.weight.squeeze(-1), self.post2.bias, target)

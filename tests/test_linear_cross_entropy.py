@@ -10,7 +10,7 @@ import torch
 from wavenet_ae import ops
 
 needs_kernel = pytest.mark.skipif(not ops.has_kernel("linear_cross_entropy", "cpu"),
-                                  reason="wavenet_ae._C without the output-loss kernel")
+                                  reason="wavenet_ae._C without the linear_cross_entropy kernel")
 
 # (B, n_in, N, n_quant, bias): tile edges (the kernel's tiles are 128 samples), batch 1, no bias, tiny preset
 CASES = {"small": (2, 5, 7, 11, True), "tile_edges": (3, 16, 257, 40, True), "batch1": (1, 8, 130, 256, True),
