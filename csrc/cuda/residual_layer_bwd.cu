@@ -26,7 +26,6 @@ namespace {
 
 using launch::kThreads;
 using launch::num_blocks;
-using launch::sigmoidf;
 using residual::Geom;
 using Opt = std::optional<at::Tensor>;
 
@@ -58,15 +57,11 @@ GateBwdParams<T> set_gate_bwd_params(const Geom& G, const at::Tensor& h, const a
 template <typename T>
 __global__ void gate_bwd_kernel(GateBwdParams<T> p) {
   WN_GRID_STRIDE_LOOP(i, p.total) {
-    const int64_t t = i % p.nc, bc = i / p.nc, c = bc % p.nd, b = bc / p.nd;
-    const int64_t ia = (b * 2 * p.nd + c) * p.nc + t, ib = ia + p.nd * p.nc;
-    const float* cbb = p.cb + b * 2 * p.nd;
-    const float a = tanhf(static_cast<float>(p.h[ia]) + cbb[c]);
-    const float s = sigmoidf(static_cast<float>(p.h[ib]) + cbb[p.nd + c]);
-    const float gs = p.gz[i] * s;
-    p.z[i] = static_cast<T>(a * s);
-    p.gh[ia] = static_cast<T>(gs * (1.f - a * a));
-    p.gh[ib] = static_cast<T>(gs * a * (1.f - s));
+    const residual::GateAt g = residual::gate_at(p.h, p.cb, i, p.nd, p.nc);
+    const float gs = p.gz[i] * g.s;
+    p.z[i] = static_cast<T>(g.a * g.s);
+    p.gh[g.ia] = static_cast<T>(gs * (1.f - g.a * g.a));
+    p.gh[g.ib] = static_cast<T>(gs * g.a * (1.f - g.s));
   }
 }
 

@@ -32,6 +32,24 @@ inline at::Tensor bmm32(const at::Tensor& a, const at::Tensor& b) {
 // A weight matrix repeated over the batch (materialised: B small copies, plain strided-batched GEMMs).
 inline at::Tensor batched(const at::Tensor& w, int64_t B) { return w.unsqueeze(0).expand({B, w.size(0), w.size(1)}).contiguous(); }
 
+// The gate at element i of z (B, nd, nc): a = tanh(h_a + c_a), s = sigmoid(h_b + c_b), and the flat indices
+// of h_a, h_b in h (B, 2nd, nc); c = cb (B, 2nd). One definition for the forward and for the backward,
+// which recomputes z from h.
+struct GateAt {
+  int64_t ia, ib;
+  float a, s;
+};
+
+template <typename T>
+__device__ __forceinline__ GateAt gate_at(const T* __restrict__ h, const float* __restrict__ cb, int64_t i,
+                                          int64_t nd, int64_t nc) {
+  const int64_t t = i % nc, bc = i / nc, c = bc % nd, b = bc / nd;
+  const int64_t ia = (b * 2 * nd + c) * nc + t, ib = ia + nd * nc;
+  const float* cbb = cb + b * 2 * nd;
+  return {ia, ib, tanhf(static_cast<float>(h[ia]) + cbb[c]),
+          launch::sigmoidf(static_cast<float>(h[ib]) + cbb[nd + c])};
+}
+
 // b_dil + W_gc g in float32: (B, 2nd).
 inline at::Tensor gate_bias32(const at::Tensor& g, const at::Tensor& w_gc, const std::optional<at::Tensor>& b_dil) {
   const at::Tensor g32 = g.to(at::kFloat), w32 = w_gc.to(at::kFloat);

@@ -21,7 +21,6 @@ namespace {
 
 using launch::kThreads;
 using launch::num_blocks;
-using launch::sigmoidf;
 using residual::Geom;
 using Opt = std::optional<at::Tensor>;
 
@@ -48,12 +47,8 @@ GateFwdParams<T> set_gate_fwd_params(const Geom& G, const at::Tensor& h, const a
 template <typename T>
 __global__ void gate_fwd_kernel(GateFwdParams<T> p) {
   WN_GRID_STRIDE_LOOP(i, p.total) {
-    const int64_t t = i % p.nc, bc = i / p.nc, c = bc % p.nd, b = bc / p.nd;
-    const int64_t ia = (b * 2 * p.nd + c) * p.nc + t, ib = ia + p.nd * p.nc;
-    const float* cbb = p.cb + b * 2 * p.nd;
-    const float a = tanhf(static_cast<float>(p.h[ia]) + cbb[c]);
-    const float s = sigmoidf(static_cast<float>(p.h[ib]) + cbb[p.nd + c]);
-    p.z[i] = static_cast<T>(a * s);
+    const residual::GateAt g = residual::gate_at(p.h, p.cb, i, p.nd, p.nc);
+    p.z[i] = static_cast<T>(g.a * g.s);
   }
 }
 
