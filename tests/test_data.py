@@ -280,3 +280,30 @@ def test_feature_stats_skip_files_with_bad_content(synth_corpus):
     with pytest.warns(BadAudioWarning, match="nan.wav: NaN/inf samples"):
         mean, std = feature_stats(corpus, cfg)
     assert torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()
+
+
+def test_validation_batches_load_only_what_they_use_across_speakers(synth_corpus, monkeypatch):
+    """A held-out set far larger than the batches: only n_batch * max_batches files are decoded, taken
+    with the speakers in turn (not the first files in path order, which are a few speakers'), and a
+    file with bad content is replaced by the next."""
+    from wavenet_ae.data import slice_buffer
+    m, p = _tiny()
+    root = synth_corpus(n_speakers=12, per_speaker=8, seconds=(0.5, 0.6))
+    _nan_file(root / "spk0" / "a_nan.wav", 0.6)
+    corpus = index_corpus(root, SR, p.total_len)
+    loaded = []
+    real = slice_buffer.load_or_skip
+
+    def counting(path, sr):
+        loaded.append(path)
+        return real(path, sr)
+    monkeypatch.setattr(slice_buffer, "load_or_skip", counting)
+    with pytest.warns(BadAudioWarning, match="a_nan.wav"):
+        batches = slice_buffer.fixed_batches(corpus, m, p, n_batch=4, max_batches=4)
+    assert len(batches) == 4 and len(loaded) == 4 * 4 + 1            # 16 used + the NaN file
+    speakers = {int(s) for b in batches for s in b.speaker}
+    assert speakers == set(range(12))
+    files = [f for b in batches for f in b.files]
+    assert len(set(files)) == 16
+    for b in batches:                                                 # neighbours: other utterances
+        assert all(x != y for x, y in zip(b.files, b.files[1:]))

@@ -246,12 +246,30 @@ class SliceBuffer:
         self._thread = None
 
 
+def speakers_in_turn(corpus: Corpus) -> list[int]:
+    """Corpus indices with the speakers taking turns (each speaker's files in corpus order): any first k
+    of them span min(k, number of speakers) speakers."""
+    by_speaker: dict[str, list[int]] = {}
+    for i, u in enumerate(corpus.utterances):
+        by_speaker.setdefault(u.speaker, []).append(i)
+    queues = [by_speaker[s] for s in sorted(by_speaker)]
+    return [q[j] for j in range(max(map(len, queues), default=0)) for q in queues if j < len(q)]
+
+
 def fixed_batches(corpus: Corpus, m: ModelConfig, p: WindowPlan, n_batch: int,
                   max_batches: int) -> list[Batch]:
-    """Deterministic held-out batches: evenly spaced windows of every file, files interleaved so
-    that neighbours in a batch come from different utterances (for shuffled-latent diagnostics)."""
+    """Deterministic held-out batches: evenly spaced windows of each file, files interleaved so
+    that neighbours in a batch come from different utterances (for shuffled-latent diagnostics).
+
+    Only the files the batches can use are loaded: at most n_batch * max_batches, chosen with the
+    speakers taking turns (`speakers_in_turn`), so memory and start-up time are bounded whatever the
+    corpus size and the batches span as many speakers as they can; the chosen files are then used in
+    corpus order."""
     per_file = []
-    for idx, utt in enumerate(corpus.utterances):
+    for idx in speakers_in_turn(corpus):
+        if len(per_file) >= n_batch * max_batches:
+            break
+        utt = corpus.utterances[idx]
         wav = load_or_skip(utt.path, m.sample_rate)
         if wav is None:
             continue
@@ -261,6 +279,7 @@ def fixed_batches(corpus: Corpus, m: ModelConfig, p: WindowPlan, n_batch: int,
         k = max(1, min(len(starts) // p.n_win, n_batch * max_batches))
         picks = [starts[i * (len(starts) - 1) // max(1, k - 1)] for i in range(k)]
         per_file.append(((idx, wav, corpus.speaker_id(utt.speaker)), picks))
+    per_file.sort(key=lambda f: f[0][0])
     chunks = [c for c, _ in per_file]
     order = []                                     # round-robin over files
     for j in range(max((len(ps) for _, ps in per_file), default=0)):
