@@ -31,35 +31,27 @@ using Opt = std::optional<at::Tensor>;
 
 template <typename T>
 struct GateBwdParams {
-  const T* __restrict__ h;        // (B, 2nd, nc) pre-activation without c
-  const float* __restrict__ cb;   // (B, 2nd)
+  residual::GateParams<T> g;      // h, c, z (recomputed), sizes
   const float* __restrict__ gz;   // (B, nd, nc)
-  T* __restrict__ z;              // (B, nd, nc)
   T* __restrict__ gh;             // (B, 2nd, nc)
-  int64_t nd, nc, total;          // total = B nd nc
 };
 
 template <typename T>
 GateBwdParams<T> set_gate_bwd_params(const Geom& G, const at::Tensor& h, const at::Tensor& cb, const at::Tensor& gz,
                                      at::Tensor& z, at::Tensor& gh) {
   GateBwdParams<T> p{};
-  p.h = h.const_data_ptr<T>();
-  p.cb = cb.const_data_ptr<float>();
+  p.g = residual::set_gate_params<T>(G, h, cb, z);
   p.gz = gz.const_data_ptr<float>();
-  p.z = z.data_ptr<T>();
   p.gh = gh.data_ptr<T>();
-  p.nd = G.nd;
-  p.nc = G.nc;
-  p.total = G.B * G.nd * G.nc;
   return p;
 }
 
 template <typename T>
 __global__ void gate_bwd_kernel(GateBwdParams<T> p) {
-  WN_GRID_STRIDE_LOOP(i, p.total) {
-    const residual::GateAt g = residual::gate_at(p.h, p.cb, i, p.nd, p.nc);
+  WN_GRID_STRIDE_LOOP(i, p.g.total) {
+    const residual::GateAt g = residual::gate_at(p.g.h, p.g.cb, i, p.g.nd, p.g.nc);
     const float gs = p.gz[i] * g.s;
-    p.z[i] = static_cast<T>(g.a * g.s);
+    p.g.z[i] = static_cast<T>(g.a * g.s);
     p.gh[g.ia] = static_cast<T>(gs * (1.f - g.a * g.a));
     p.gh[g.ib] = static_cast<T>(gs * g.a * (1.f - g.s));
   }
@@ -167,7 +159,7 @@ std::vector<at::Tensor> residual_layer_bwd_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "residual_layer_bwd_cuda_gate", [&] {
     using T = scalar_t;
     const auto p = set_gate_bwd_params<T>(G, h, cb, gz, z, gh);
-    gate_bwd_kernel<T><<<num_blocks(p.total), kThreads, 0, stream>>>(p);
+    gate_bwd_kernel<T><<<num_blocks(p.g.total), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 

@@ -32,6 +32,28 @@ inline at::Tensor bmm32(const at::Tensor& a, const at::Tensor& b) {
 // A weight matrix repeated over the batch (materialised: B small copies, plain strided-batched GEMMs).
 inline at::Tensor batched(const at::Tensor& w, int64_t B) { return w.unsqueeze(0).expand({B, w.size(0), w.size(1)}).contiguous(); }
 
+// The gate's operands and output, filled once by set_gate_params (the forward's kernel takes them as they
+// are; the backward's adds its gradients).
+template <typename T>
+struct GateParams {
+  const T* __restrict__ h;        // (B, 2nd, nc) pre-activation without c
+  const float* __restrict__ cb;   // (B, 2nd) c = b_dil + W_gc g
+  T* __restrict__ z;              // (B, nd, nc)
+  int64_t nd, nc, total;          // total = B nd nc
+};
+
+template <typename T>
+GateParams<T> set_gate_params(const Geom& G, const at::Tensor& h, const at::Tensor& cb, at::Tensor& z) {
+  GateParams<T> p{};
+  p.h = h.const_data_ptr<T>();
+  p.cb = cb.const_data_ptr<float>();
+  p.z = z.data_ptr<T>();
+  p.nd = G.nd;
+  p.nc = G.nc;
+  p.total = G.B * G.nd * G.nc;
+  return p;
+}
+
 // The gate at element i of z (B, nd, nc): a = tanh(h_a + c_a), s = sigmoid(h_b + c_b), and the flat indices
 // of h_a, h_b in h (B, 2nd, nc); c = cb (B, 2nd). One definition for the forward and for the backward,
 // which recomputes z from h.

@@ -25,27 +25,7 @@ using residual::Geom;
 using Opt = std::optional<at::Tensor>;
 
 template <typename T>
-struct GateFwdParams {
-  const T* __restrict__ h;        // (B, 2nd, nc)
-  const float* __restrict__ cb;   // (B, 2nd)
-  T* __restrict__ z;              // (B, nd, nc)
-  int64_t nd, nc, total;          // total = B nd nc
-};
-
-template <typename T>
-GateFwdParams<T> set_gate_fwd_params(const Geom& G, const at::Tensor& h, const at::Tensor& cb, at::Tensor& z) {
-  GateFwdParams<T> p{};
-  p.h = h.const_data_ptr<T>();
-  p.cb = cb.const_data_ptr<float>();
-  p.z = z.data_ptr<T>();
-  p.nd = G.nd;
-  p.nc = G.nc;
-  p.total = G.B * G.nd * G.nc;
-  return p;
-}
-
-template <typename T>
-__global__ void gate_fwd_kernel(GateFwdParams<T> p) {
+__global__ void gate_fwd_kernel(residual::GateParams<T> p) {
   WN_GRID_STRIDE_LOOP(i, p.total) {
     const residual::GateAt g = residual::gate_at(p.h, p.cb, i, p.nd, p.nc);
     p.z[i] = static_cast<T>(g.a * g.s);
@@ -136,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_layer_fwd_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "residual_layer_fwd_cuda", [&] {
     using T = scalar_t;
-    const auto gp = set_gate_fwd_params<T>(G, h, cb, z);
+    const auto gp = residual::set_gate_params<T>(G, h, cb, z);
     gate_fwd_kernel<T><<<num_blocks(gp.total), kThreads, 0, stream>>>(gp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor O = residual::bmm32(Wout, z);  // (B, n_o, nc) f32
