@@ -195,10 +195,10 @@ def split_corpus(corpus: Corpus, source: str | Path, valid_fraction: float) -> d
             cols = line.split("\t")
             if len(cols) >= 3:
                 which[str((split_file.parent / cols[0]).resolve())] = cols[2]
-        parts = {name: Corpus([u for u in corpus.utterances if which.get(str(Path(u.path).resolve())) == name],
-                              corpus.speakers) for name in SPLITS}
-        dropped = [(u.path, which.get(str(Path(u.path).resolve()))) for u in corpus.utterances
-                   if which.get(str(Path(u.path).resolve())) not in SPLITS]
+        split_of = [which.get(str(Path(u.path).resolve())) for u in corpus.utterances]   # one resolve a file
+        parts = {name: Corpus([u for u, w in zip(corpus.utterances, split_of) if w == name], corpus.speakers)
+                 for name in SPLITS}
+        dropped = [(u.path, w) for u, w in zip(corpus.utterances, split_of) if w not in SPLITS]
         if dropped and parts["train"].utterances:
             unlisted = [p for p, w in dropped if w is None]
             unknown = sorted({w for _, w in dropped if w is not None})
