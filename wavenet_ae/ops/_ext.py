@@ -10,6 +10,7 @@ it also depends on the switch flags, attributes of ``wavenet_ae.ops`` read at ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import warnings
 from types import ModuleType
@@ -63,10 +64,22 @@ def has_kernel(op: str, device: str | torch.device) -> bool:
     """Whether the loaded extension has a kernel of ``torch.ops.wavenet_ae.<op>`` for ``device``
     ('cpu', 'cuda', or a torch.device; 'meta' counts as 'cpu': the ops' fake functions sit beside their
     CPU kernels)."""
-    dev = torch.device(device).type
-    key = _DISPATCH_KEYS.get("cpu" if dev == "meta" else dev)
-    if not HAVE_EXT or key is None:
+    if not HAVE_EXT:
         return False
+    key = _dispatch_key(device)
+    return key is not None and _registered(op, key)
+
+
+# Asked at every op call (the model's forward asks once per layer): the answers are fixed once the
+# extension is loaded, so the dispatcher is queried once per op and device.
+@functools.lru_cache(maxsize=None)
+def _dispatch_key(device: str | torch.device) -> str | None:
+    dev = torch.device(device).type
+    return _DISPATCH_KEYS.get("cpu" if dev == "meta" else dev)
+
+
+@functools.lru_cache(maxsize=None)
+def _registered(op: str, key: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"wavenet_ae::{op}", key)
     except RuntimeError:  # no such op (with HAVE_EXT the build has every op these sources know)
