@@ -182,3 +182,32 @@ def test_rng_state_saves_and_restores_only_this_ranks_gpu(monkeypatch):
     checkpoint.set_rng_state({**s, "cuda": [states[0], states[1]]}, "cuda:1")    # an older checkpoint
     assert restored == [(torch.device("cuda:0"), 1), (torch.device("cuda:1"), 1)]
     assert checkpoint.rng_state("cpu")["cuda"] == [] and torch.equal(torch.get_rng_state(), cpu)
+
+
+def test_a_background_save_writes_a_snapshot_while_the_caller_goes_on(tmp_path, monkeypatch):
+    """The caller gets control back while the file is still being written (a test hook pauses the
+    write), may change its tensors meanwhile, and the checkpoint holds the state as submitted."""
+    import time
+    monkeypatch.setenv("WAVENET_AE_TEST_CKPT_DELAY", "0.5")
+    saver = checkpoint.BackgroundSaver()
+    w = torch.full((3,), 1.0)
+    state = {"step": 1, "w": w, "opt": {"state": {0: {"m": w * 2}}, "groups": [{"lr": 0.1}]}}
+    t = time.perf_counter()
+    saver.submit(tmp_path, 1, state)
+    assert time.perf_counter() - t < 0.4 and not checkpoint.list_checkpoints(tmp_path)
+    w.add_(10.0)                                   # training goes on updating the parameters in place
+    saver.wait()
+    got = checkpoint.load_latest(tmp_path)
+    assert torch.equal(got["w"], torch.full((3,), 1.0)) and torch.equal(got["opt"]["state"][0]["m"],
+                                                                        torch.full((3,), 2.0))
+    assert got["opt"]["groups"] == [{"lr": 0.1}]
+
+
+def test_a_failed_background_save_is_raised_by_the_next_wait(tmp_path):
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the run directory should be")
+    saver = checkpoint.BackgroundSaver()
+    saver.submit(blocker, 1, _state(1))
+    with pytest.raises(checkpoint.CheckpointError, match="writing a checkpoint failed"):
+        saver.wait()
+    saver.wait()                                   # reported once
