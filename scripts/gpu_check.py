@@ -15,7 +15,7 @@ step runs.
   nccl_cli          torchrun --nproc_per_node=1 -m wavenet_ae.train --device cuda (paper preset) + a resume.
                     NB: at world size 1 train.py creates no process group, so this run checks the torchrun
                     environment and the device handling, not the collectives: the next step does
-  nccl_collectives  a 1-rank NCCL process group running train.py's collectives (_agree, the gathers of
+  nccl_collectives  a 1-rank NCCL process group running train.py's collectives (_vote, the gathers of
                     save()) on the training device, and a DDP training step of the paper model (every
                     parameter and buffer must be on the GPU: NCCL serves CUDA tensors only)
   gen_speed         benchmarks/gen_speed.py: python, cpp and cuda (fp32/fp16/bf16 weights), batch 1..256, paper
@@ -1089,9 +1089,13 @@ def nccl_probe(a) -> int:
         device = f"cuda:{local}"        # what setup_distributed gives at world size > 1
     else:
         device = "cpu"
-    # _agree(flag, world, device): the world argument 2 takes the collective path of a multi-rank run
+    # _vote(loss, grad_norm, stop, world, device): the world argument 2 takes the collective path of a
+    # multi-rank run
     for dev in dict.fromkeys([device, a.device]):
-        check(f"_agree on {dev}", lambda dev=dev: T._agree(False, 2, dev) is False and T._agree(True, 2, dev) is True)
+        one, nan = torch.tensor(1.0, device=dev), torch.tensor(float("nan"), device=dev)
+        check(f"_vote on {dev}", lambda dev=dev, one=one, nan=nan: (
+            T._vote(one, one, False, 2, dev) == (False, False, False)
+            and T._vote(nan, one, True, 2, dev) == (True, False, True)))
     cfg = preset(a.preset)
     model = buf = None
     try:

@@ -307,3 +307,61 @@ def test_validation_batches_load_only_what_they_use_across_speakers(synth_corpus
     assert len(set(files)) == 16
     for b in batches:                                                 # neighbours: other utterances
         assert all(x != y for x, y in zip(b.files, b.files[1:]))
+
+
+def _record_chunks(buf):
+    """Wrap buf._load_chunk: buf.loaded collects (epoch of the position before the load, file index)."""
+    buf.loaded = []
+    load = buf._load_chunk
+
+    def recording(files, cursor, tail):
+        chunks, i, counts = load(files, cursor, tail)
+        buf.loaded += [(buf.state()["epoch"], idx) for idx, _, _ in chunks]
+        return chunks, i, counts
+    buf._load_chunk = recording
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 3), (3, 2), (2, 1)])
+def test_a_resume_on_another_world_size_neither_skips_nor_repeats_a_file(synth_corpus, old_world, new_world):
+    """Preemption: W ranks stop mid-epoch, W' ranks resume. Every file of that epoch is read once: by
+    an old rank before the stop, or by a new rank after it; then the new ranks shard the next epoch
+    between them. A position saved during the re-sharded epoch restores exactly."""
+    m, p = _tiny()
+    root = synth_corpus(n_speakers=4, per_speaker=6, seconds=(0.5, 0.9))
+    kw = dict(fraction=0.01, buffer_seconds=1.2)
+    states = []
+    old_loaded = set()
+    for rank in range(old_world):
+        corpus, buf = _buffer(root, m, p, rank=rank, world_size=old_world, **kw)
+        _record_chunks(buf)
+        for _ in range(9):                    # ends mid-chunk (drawn > 0) on some rank
+            next(buf)
+        assert buf.state()["epoch"] == 0
+        states.append(json.loads(json.dumps(buf.state())))
+        old_loaded |= {f for e, f in buf.loaded if e == 0}
+    assert any(s["drawn"] > 0 for s in states)
+    new_loaded, next_epoch = [], []
+    for rank in range(new_world):
+        _, buf = _buffer(root, m, p, rank=rank, world_size=new_world, **kw)
+        assert "re-sharded" in buf.restore_all(states)
+        _record_chunks(buf)
+        while buf.state()["epoch"] < 2:
+            next(buf)
+        new_loaded += [f for e, f in buf.loaded if e == 0]
+        next_epoch.append({f for e, f in buf.loaded if e == 1})
+    assert len(new_loaded) == len(set(new_loaded)), "a file was read twice after the re-shard"
+    assert not old_loaded & set(new_loaded), "a file begun before the stop was read again"
+    assert old_loaded | set(new_loaded) == set(range(len(corpus.utterances))), "a file was skipped"
+    assert not set.intersection(*next_epoch) if new_world > 1 else True
+    assert set.union(*next_epoch) == set(range(len(corpus.utterances)))
+
+    # exact resume inside the re-sharded epoch (its position carries the explicit file list)
+    _, ref = _buffer(root, m, p, rank=0, world_size=new_world, **kw)
+    ref.restore_all(states)
+    next(ref)
+    mid = json.loads(json.dumps(ref.state()))
+    assert mid["epoch"] == 0 and "files" in mid
+    want = [next(ref) for _ in range(6)]
+    _, buf = _buffer(root, m, p, rank=0, world_size=new_world, **kw)
+    assert buf.restore_all([mid] + [dict(mid, rank=r) for r in range(1, new_world)]) is None
+    assert [(b.files, b.starts) for b in (next(buf) for _ in range(6))] == [(b.files, b.starts) for b in want]

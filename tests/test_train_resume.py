@@ -175,7 +175,8 @@ def test_the_buffer_size_cannot_change_on_resume(tmp_path):
 
 
 def test_two_process_gloo_training_checkpoints_every_rank_and_resumes(tmp_path):
-    """torchrun with 2 CPU processes (gloo): each rank's data position is saved and restored."""
+    """torchrun with 2 CPU processes (gloo): each rank's data position is saved and restored; a resume
+    on one process re-shards it."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(29500 + os.getpid() % 1000)]
     cmd = lambda steps: torchrun + _cmd(tmp_path, "--max-steps", str(steps))[1:]
@@ -187,9 +188,11 @@ def test_two_process_gloo_training_checkpoints_every_rank_and_resumes(tmp_path):
     r = subprocess.run(cmd(6), env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-3000:]
     assert checkpoint.load_latest(tmp_path)["step"] == 6
-    # a single process cannot silently continue a 2-process run
+    # a preempted job resumed on fewer processes re-shards the data position and goes on
     r = subprocess.run(_cmd(tmp_path, "--max-steps", "8"), env=_env(), capture_output=True, text=True)
-    assert r.returncode != 0 and "same world size" in r.stderr
+    assert r.returncode == 0 and "re-sharded the data position of 2 ranks onto 1" in r.stdout, r.stderr[-3000:]
+    ck = checkpoint.load_latest(tmp_path)
+    assert ck["step"] == 8 and [json.loads(p)["world_size"] for p in ck["data_position"]] == [1]
 
 
 def test_a_corpus_of_bad_files_is_one_clear_line(tmp_path):
@@ -234,7 +237,7 @@ def test_config_and_speakers_are_written_atomically_and_only_when_they_change(tm
     assert not list(run.glob(".*tmp*"))
 
 
-def test_the_stop_vote_is_a_collective_on_the_training_device(monkeypatch):
+def test_the_step_vote_is_a_collective_on_the_training_device(monkeypatch):
     """NCCL serves only CUDA tensors: the per-step collective must live on the training device (here a
     meta device stands in for it; the fake process group refuses anything else, as NCCL refuses CPU)."""
     from wavenet_ae import train
@@ -245,9 +248,18 @@ def test_the_stop_vote_is_a_collective_on_the_training_device(monkeypatch):
         if t.device.type != "meta":
             raise RuntimeError(f"No backend type associated with device type {t.device.type}")
     monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
-    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):   # .item() after the collective
-        train._agree(True, 2, "meta")
+    one = torch.tensor(1.0)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):   # .tolist() after the collective
+        train._vote(one, one, True, 2, "meta")
     assert seen == [torch.device("meta")]
+
+
+def test_the_vote_flags_a_bad_loss_a_bad_gradient_and_the_stop_signal():
+    from wavenet_ae import train
+    one, nan, inf = torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(float("inf"))
+    assert train._vote(one, one, False, 1, "cpu") == (False, False, False)
+    assert train._vote(nan, one, False, 1, "cpu") == (True, False, False)
+    assert train._vote(one, inf, True, 1, "cpu") == (False, True, True)
 
 
 def test_an_old_format_checkpoint_upgrades_and_loads(tmp_path):

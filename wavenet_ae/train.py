@@ -4,6 +4,15 @@ A new DIR starts a run (config.json, speakers.json); a DIR with a checkpoint res
 One step = fetch batch t -> forward/backward -> update -> data position t + 1. SIGINT/SIGTERM only
 set a flag, so a step is never cut in half: the loop notices the flag between steps, writes a
 checkpoint and exits 0. Multi-GPU / multi-process: the same command under `torchrun`.
+
+A step makes one host sync (the non-finite guard, which every rank votes on together with the stop
+flag, so all ranks stop at the same step and before a bad update); logging intervals add the
+scalars. Checkpoints are written by a background thread from a CPU copy of the state.
+
+World size: each rank draws `data.n_batch` windows a step, so the global batch is n_batch x world.
+The learning-rate schedule (warm-up, cosine decay) is defined in optimizer steps and does not follow
+the world size: a run resumed on another number of ranks keeps its step count and schedule and its
+steps then average over the new global batch (the data position is re-sharded, see slice_buffer).
 """
 from __future__ import annotations
 
@@ -133,6 +142,11 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
     return rank, world, device
 
 
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
 def gather(obj, world: int) -> list:
     if world == 1:
         return [obj]
@@ -149,10 +163,15 @@ def train(args) -> int:
     is_main = rank == 0
     malloc.retain_freed_memory()  # no page faults in steady-state steps (see malloc.py)
     cfg, is_new = config_for_run(run_dir, args)
+    barrier(world)                     # every rank has read the run directory before rank 0 writes to it
     try:
         ckpt = None if is_new else checkpoint.load_latest(run_dir)
     except checkpoint.CheckpointError as e:       # checkpoints exist but none verifies: never restart
         raise SystemExit(f"error: {e}") from None
+    if ckpt is not None and len(ckpt["data_position"]) != world and is_main:
+        print(f"the checkpoint was written by {len(ckpt['data_position'])} processes, now {world}: the data "
+              f"position is re-sharded: no file of the current epoch is skipped or repeated, but the batch "
+              f"sequence is not the one an uninterrupted run would have drawn", flush=True)
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
@@ -176,6 +195,7 @@ def train(args) -> int:
         write_text_once(run_dir / "config.json", cfg.to_json())
         write_text_once(speakers_path, json.dumps(speakers, indent=1))
         print(f"data: train {train_set.summary()}; valid {len(valid_set.utterances)} files", flush=True)
+    barrier(world)
 
     model = WaveNetAE(cfg.model).to(device)
     opt = make_optimizer(model, cfg)
@@ -189,13 +209,11 @@ def train(args) -> int:
         opt.load_state_dict(ckpt["optimizer"])      # older formats were upgraded by load_latest
         sched.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["step"])
-        if len(ckpt["data_position"]) != world:
-            raise SystemExit(f"error: checkpoint was written by {len(ckpt['data_position'])} processes, "
-                             f"now {world}: resume with the same world size")
-        buf.restore(json.loads(ckpt["data_position"][rank]))
-        set_rng_state(ckpt["rng"][rank], device)
+        resharded = buf.restore_all([json.loads(p) for p in ckpt["data_position"]])
+        if rank < len(ckpt["rng"]):        # a rank the old run did not have keeps its seed (seed + rank)
+            set_rng_state(ckpt["rng"][rank], device)
         if is_main:
-            print(f"resumed {run_dir} at step {step}", flush=True)
+            print(f"resumed {run_dir} at step {step}" + (f"; {resharded}" if resharded else ""), flush=True)
     else:
         mean, std = feature_stats(train_set, cfg)
         model.encoder.set_feature_stats(mean, std)
@@ -214,19 +232,22 @@ def train(args) -> int:
     bar = tqdm(total=max_steps, initial=step, disable=None if is_main else True, dynamic_ncols=True)
     exit_code = 0
 
+    saver = checkpoint.BackgroundSaver()
+
     def save() -> None:
         positions = gather(json.dumps(buf.state()), world)
         rngs = gather(rng_state(device), world)
         if is_main:
-            checkpoint.save(run_dir, step, {
+            saver.submit(run_dir, step, {
                 "format": checkpoint.FORMAT, "step": step, "config": cfg.to_dict(), "speakers": speakers,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "data_position": positions, "rng": rngs,
             }, keep=cfg.train.keep_checkpoints)
 
+    stopping = False
     try:
         while step < max_steps:
-            if _agree(stop.signum is not None, world, device):
+            if stopping or (world == 1 and stop.signum is not None):
                 save()
                 log.close_message(f"stopped by signal at step {step}; checkpoint written")
                 break
@@ -234,14 +255,15 @@ def train(args) -> int:
             model.train()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 loss, terms = _loss(ddp, model, batch, device)
-            bad = None if torch.isfinite(loss) else f"non-finite loss {loss.item()}"
-            if bad is None:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                if not torch.isfinite(grad_norm):     # a finite loss can still overflow a gradient
-                    bad = f"non-finite gradient norm {grad_norm.item()}"
-            if bad:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            # the step's one host sync: a finite loss can still overflow a gradient
+            bad_loss, bad_grad, stopping = _vote(loss, grad_norm, stop.signum is not None, world, device)
+            if bad_loss or bad_grad:
+                bad = (f"non-finite loss {loss.item()}" if not torch.isfinite(loss) else
+                       f"non-finite gradient norm {grad_norm.item()}" if not torch.isfinite(grad_norm) else
+                       "a non-finite loss or gradient on another rank")
                 msg = (f"{bad} at step {step + 1}; stopping before the update. The last good "
                        f"checkpoint is intact: lower train.lr or check the data of this batch: "
                        f"{sorted({train_set.utterances[i].path for i in batch.files})}")
@@ -270,6 +292,7 @@ def train(args) -> int:
     finally:
         bar.close()
         buf.close()
+        saver.wait()              # the last checkpoint is on disk before the process ends
         log.close()
         if world > 1:
             dist.destroy_process_group()
@@ -282,14 +305,19 @@ def _loss(ddp, model, batch, device):
     return model.loss_from(h, terms, dec_q)
 
 
-def _agree(flag: bool, world: int, device: str) -> bool:
-    """All ranks stop at the same step if any of them was signalled. The tensor lives on the training
-    device: NCCL serves CUDA tensors only."""
-    if world == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def _vote(loss: torch.Tensor, grad_norm: torch.Tensor, stop: bool, world: int, device: str):
+    """(non-finite loss, non-finite gradient norm, stop) agreed by all ranks (any rank's flag counts),
+    with one host sync. The tensors live on the training device: NCCL serves CUDA tensors only."""
+    flags = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm.detach()),
+                         torch.tensor(stop, device=loss.device)]).to(torch.int32)
+    if world > 1:
+        flags = flags.to(device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return tuple(bool(f) for f in flags.tolist())
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_args(argv=None):
@@ -304,7 +332,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--checkpoint-every", type=int)
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--device", default=default_device(), choices=["cpu", "cuda"],
+                    help="default: cuda when a CUDA device is available")
     args = ap.parse_args(argv)
     args.preset_given = args.preset is not None
     args.preset = args.preset or "paper"

@@ -6,16 +6,25 @@ file), draws a seeded permutation of them (only the first `fraction` of it, to m
 batches of B windows, then loads the next chunk. An epoch is one pass over this rank's files.
 
 Position = (seed, epoch, cursor: first file of the chunk in the epoch's order, drawn: windows
-already taken from the chunk's permutation, and the files found bad so far and at the epoch's start:
-they change which files make up a chunk). Every random choice is derived from the seed and the
-position, so `restore(state())` rebuilds the identical future batch sequence by reloading one
-chunk: the cost is proportional to the buffer, not to the progress through the epoch.
-A file found bad is skipped with one warning, given on the thread that takes the batches.
+already taken from the chunk's permutation, next: the first file after the chunk, and the files found
+bad so far and at the epoch's start: they change which files make up a chunk). Every random choice
+is derived from the seed and the position, so `restore(state())` rebuilds the identical future batch
+sequence by reloading one chunk: the cost is proportional to the buffer, not to the progress through
+the epoch. A file found bad is skipped with one warning, given on the thread that takes the batches.
 Under torch.distributed, rank r of W takes files r, r + W, ... of each epoch's permutation.
+
+Another world size (`restore_all` with the positions of a run of W ranks, now W' ranks): the files
+no old rank has begun in its current epoch (nor, for ranks behind the furthest one, in the epochs up
+to it) are dealt round-robin to the new ranks as an explicit file list for that epoch; then every
+rank goes on with the next epoch sharded for W'. So within each epoch no file is skipped or repeated;
+what is not exact: the undrawn windows of the chunks in progress (at most one buffer per old rank)
+are dropped, as are the last windows of a new rank's share when they cannot fill a batch, and the
+batch sequence differs from a run that had W' ranks all along.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import queue
 import threading
@@ -32,7 +41,7 @@ from ..rfield import WindowPlan
 from .corpus import BadAudioError, Corpus, CorpusError, load_audio, load_or_skip, warn_skip
 from .windows import valid_starts, window_slices
 
-STATE_VERSION = 2          # 2: + bad files (version 1 positions are read as having none)
+STATE_VERSION = 3          # 2: + bad files (1 is read as having none); 3: + next, explicit files
 
 
 @dataclass
@@ -79,7 +88,8 @@ class SliceBuffer:
                                    .encode()).hexdigest()[:16]
         self.bad: set[int] = set()                 # corpus indices found bad (by the generator)
         self._skipped: list[tuple[str, str]] = []  # found bad since the last batch was cut
-        self._position = {"epoch": 0, "cursor": 0, "drawn": 0, "bad": [], "epoch_bad": []}
+        self._position = {"epoch": 0, "cursor": 0, "drawn": 0, "next": 0, "bad": [], "epoch_bad": []}
+        self._explicit: tuple[int, list[int]] | None = None   # (epoch, this rank's files) after a re-shard
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
@@ -87,27 +97,72 @@ class SliceBuffer:
     # --- position ---------------------------------------------------------------------------
     def state(self) -> dict:
         """JSON-able position after the last batch handed out."""
-        return {"version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world,
-                "corpus": self.digest, **self._position}
+        out = {"version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world,
+               "corpus": self.digest, **self._position}
+        if self._explicit is not None and self._explicit[0] == self._position["epoch"]:
+            out["files"] = self._explicit[1]
+        return out
 
-    def restore(self, state: dict) -> None:
-        if state.get("version") not in (1, STATE_VERSION):
+    def _check(self, state: dict, keys=("seed", "corpus", "world_size", "rank")) -> None:
+        if state.get("version") not in (1, 2, STATE_VERSION):
             raise ValueError(f"data position does not match this run: version is {state.get('version')!r} "
                              f"in the checkpoint, {STATE_VERSION} now")
-        for key, mine in (("seed", self.seed), ("corpus", self.digest),
-                          ("world_size", self.world), ("rank", self.rank)):
-            if state.get(key) != mine:
+        mine = {"seed": self.seed, "corpus": self.digest, "world_size": self.world, "rank": self.rank}
+        for key in keys:
+            if state.get(key) != mine[key]:
                 raise ValueError(f"data position does not match this run: {key} is {state.get(key)!r} "
-                                 f"in the checkpoint, {mine!r} now")
+                                 f"in the checkpoint, {mine[key]!r} now")
+
+    def restore(self, state: dict) -> None:
+        """Continue exactly from `state` (this rank's position, same world size)."""
+        self._check(state)
         self.close()
         self._position = {k: int(state[k]) for k in ("epoch", "cursor", "drawn")}
+        self._position["next"] = int(state.get("next", -1))      # -1: not recorded (versions 1, 2)
         self._position.update({k: sorted(int(i) for i in state.get(k, [])) for k in ("bad", "epoch_bad")})
         self.bad, self._skipped = set(self._position["bad"]), []
+        files = state.get("files")
+        self._explicit = None if files is None else (self._position["epoch"], [int(f) for f in files])
+
+    def restore_all(self, states: list[dict]) -> str | None:
+        """Continue from the positions of every rank of the run that saved them: exactly (`restore`) if
+        it had this world size, else re-sharded (module docstring). Returns what a re-shard did, for
+        the log (None when exact)."""
+        if len(states) == self.world:
+            self.restore(states[self.rank])
+            return None
+        for s in states:
+            self._check(s, keys=("seed", "corpus"))
+        last = max(int(s["epoch"]) for s in states)
+        rests = []
+        for r, s in enumerate(states):
+            epoch, cursor = int(s["epoch"]), int(s["cursor"])
+            files = [int(f) for f in s["files"]] if "files" in s else self._shard(epoch, r, len(states))
+            # a chunk that windows were drawn from counts as done; its end is `next` (if recorded)
+            begun = max(cursor, int(s.get("next", -1))) if int(s["drawn"]) > 0 else cursor
+            rest = files[begun:]
+            for e in range(epoch + 1, last + 1):      # a rank behind the furthest one: its later epochs
+                rest += self._shard(e, r, len(states))
+            rests.append(rest)
+        dealt = [f for group in itertools.zip_longest(*rests) for f in group if f is not None]
+        bad = sorted({int(i) for s in states for i in s.get("bad", [])})
+        self.close()
+        self._explicit = (last, dealt[self.rank:: self.world])
+        self._position = {"epoch": last, "cursor": 0, "drawn": 0, "next": 0, "bad": bad, "epoch_bad": bad}
+        self.bad, self._skipped = set(bad), []
+        return (f"re-sharded the data position of {len(states)} ranks onto {self.world}: {len(dealt)} files "
+                f"left in epoch {last}, {len(self._explicit[1])} for rank {self.rank}; from epoch {last + 1} "
+                f"on, files are sharded for {self.world} ranks")
 
     # --- the deterministic stream -------------------------------------------------------------
-    def _epoch_files(self, epoch: int) -> list[int]:
+    def _shard(self, epoch: int, rank: int, world: int) -> list[int]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.usable))
-        return [self.usable[i] for i in order[self.rank:: self.world]]
+        return [self.usable[i] for i in order[rank:: world]]
+
+    def _epoch_files(self, epoch: int) -> list[int]:
+        if self._explicit is not None and self._explicit[0] == epoch:
+            return self._explicit[1]
+        return self._shard(epoch, self.rank, self.world)
 
     def _load_chunk(self, files: list[int], cursor: int, tail: np.ndarray):
         """Load files from `cursor` until the budget is met; the epoch's tail joins the last chunk
@@ -153,6 +208,7 @@ class SliceBuffer:
         while True:
             if files_epoch != epoch:
                 files, files_epoch = self._epoch_files(epoch), epoch
+                explicit = self._explicit is not None and self._explicit[0] == epoch
                 tail = self._tail_starts(files, epoch_bad)
             chunks, next_cursor, counts = self._load_chunk(files, cursor, tail)
             total = int(counts.sum()) if len(counts) else 0
@@ -166,7 +222,7 @@ class SliceBuffer:
                     c = np.searchsorted(offsets, flat, side="right") - 1
                     picks = [(int(ci), int(fi - offsets[ci]) + self.p.before) for ci, fi in zip(c, flat)]
                     drawn += self.B
-                    after = {"epoch": epoch, "cursor": cursor, "drawn": drawn}
+                    after = {"epoch": epoch, "cursor": cursor, "drawn": drawn, "next": next_cursor}
                     if drawn + self.B > n_take:       # chunk exhausted: next batch starts a new one
                         after = self._advance(epoch, next_cursor, len(files))
                     after["bad"] = sorted(self.bad)
@@ -174,7 +230,8 @@ class SliceBuffer:
                     batch = make_batch(chunks, picks, self.p, self.m, after)
                     batch.skipped, self._skipped = self._skipped, []
                     yield batch
-            elif next_cursor == cursor or (cursor == 0 and next_cursor >= len(files)):
+            elif not explicit and (next_cursor == cursor or (cursor == 0 and next_cursor >= len(files))):
+                # (a re-shard's share that cannot fill a batch just ends its epoch)
                 for path, reason in self._skipped:
                     warn_skip(path, reason)
                 self._skipped = []
@@ -188,8 +245,8 @@ class SliceBuffer:
     @staticmethod
     def _advance(epoch: int, next_cursor: int, n_files: int) -> dict:
         if next_cursor >= n_files:
-            return {"epoch": epoch + 1, "cursor": 0, "drawn": 0}
-        return {"epoch": epoch, "cursor": next_cursor, "drawn": 0}
+            return {"epoch": epoch + 1, "cursor": 0, "drawn": 0, "next": 0}
+        return {"epoch": epoch, "cursor": next_cursor, "drawn": 0, "next": next_cursor}
 
     # --- iteration (with a prefetch thread) ---------------------------------------------------
     def __iter__(self) -> "SliceBuffer":

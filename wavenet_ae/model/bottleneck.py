@@ -162,14 +162,15 @@ class VQBottleneck(nn.Module):
         n_dead = dead.sum()
         if not self.restart:
             return n_dead, torch.zeros_like(n_dead)
-        if dead.any():
-            pick = torch.randint(0, flat.shape[0], (int(n_dead),), device=flat.device)
-            fresh = flat[pick]
-            if distributed:
-                dist.broadcast(fresh, 0)
-            self.codebook[dead] = fresh
-            self.ema_sum[dead] = fresh
-            self.ema_count[dead] = 1.0
+        # a candidate for every code, taken where the code is dead: no `dead.any()` / count on the host,
+        # which would stop the host from queueing the next step's work behind this one
+        pick = torch.randint(0, flat.shape[0], (self.codebook.shape[0],), device=flat.device)
+        fresh = flat[pick]
+        if distributed:
+            dist.broadcast(fresh, 0)
+        self.codebook.copy_(torch.where(dead[:, None], fresh, self.codebook))
+        self.ema_sum.copy_(torch.where(dead[:, None], fresh, self.ema_sum))
+        self.ema_count.masked_fill_(dead, 1.0)
         return n_dead, n_dead.clone()             # every dead code was restarted
 
 
