@@ -399,6 +399,25 @@ def test_generate_cli_writes_a_wav_at_the_model_rate(run_dir, wav_file, tmp_path
     assert np.isfinite(y).all() and np.abs(y).max() <= 1.0 and np.abs(y).max() > 0
 
 
+@needs_cpp
+@pytest.mark.parametrize("weights", ["auto", "fp16", "bf16"])
+def test_generate_cli_weights(run_dir, wav_file, tmp_path, capsys, weights):
+    out = tmp_path / f"{weights}.wav"
+    assert generate_main(["--run-dir", str(run_dir), "--input", str(wav_file), "--out", str(out),
+                          "--engine", "cpp", "--weights", weights, "--no-progress"]) == 0
+    want = {"fp16": "float16", "bf16": "bfloat16"}.get(weights, "float16" if ops.wavenet_generate_cpu_path() == "avx2"
+                                                      else "float32")
+    assert f"{want} weights" in capsys.readouterr().err
+    y, _ = sf.read(out, dtype="float32")
+    assert y.shape == (3000,) and np.isfinite(y).all()
+    # the python engine is the float32 reference: reduced weights are refused in one line
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--run-dir", str(run_dir), "--input", str(wav_file), "--out", str(out),
+                       "--engine", "python", "--weights", "fp16", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "python engine" in err and len(err.splitlines()) == 1
+
+
 def test_generate_cli_errors_are_clear(run_dir, wav_file, tmp_path, capsys):
     base = ["--run-dir", str(run_dir), "--out", str(tmp_path / "o.wav"), "--no-progress", "--engine", "python"]
     with pytest.raises(SystemExit) as e:

@@ -1,7 +1,7 @@
 """Autoregressive generation with fast-wavenet caching, and the resynthesis CLI.
 
     python -m wavenet_ae.generate --run-dir DIR --input in.wav --out out.wav [--speaker NAME]
-        [--engine auto|python|cpp|cuda]
+        [--engine auto|python|cpp|cuda] [--weights auto|fp32|fp16|bf16]
 
 Another speaker than the input's gives voice conversion: the latents come from the input, the speaker
 embedding from `--speaker`.
@@ -15,7 +15,8 @@ step is computed up front, chunk by chunk (one batched matmul per chunk), then t
 chunk's steps in one call:
 
 * ``python``: `ops.wavenet_generate_ref`, a plain PyTorch loop over steps (the reference);
-* ``cpp``: `torch.ops.wavenet_ae.wavenet_generate` on CPU, the whole chunk in C++ (AVX2 or generic);
+* ``cpp``: `torch.ops.wavenet_ae.wavenet_generate` on CPU, the whole chunk in C++ (AVX2 or generic),
+  weight matrices in float32, float16 or bfloat16 (`--weights`, float32 arithmetic);
 * ``cuda``: the same op on GPU, one persistent kernel launch per chunk.
 
 All engines draw class k of softmax(logits) by inverse CDF at caller-supplied uniforms u, so given
@@ -39,6 +40,8 @@ from .model.decoder import WaveNet
 from .ops import GenWeights
 
 ENGINES = ("python", "cpp", "cuda")
+# Weight precisions of the engine matrices (`--weights`); 'auto' resolves by resolve_weight_dtype.
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_CHUNK = 4000              # steps per engine call
 COND_BUDGET_BYTES = 256 << 20     # bound on one chunk's precomputed conditioning
 
@@ -79,6 +82,27 @@ def resolve_engine(name: str) -> str:
     return name
 
 
+def resolve_weight_dtype(weights: str | torch.dtype, engine: str) -> torch.dtype:
+    """'auto' | 'fp32' | 'fp16' | 'bf16' (or a torch dtype) -> the dtype of the engine's weight matrices.
+
+    'auto' is a fixed rule of the engine and the CPU, never a timing: fp16 for the cpp engine where its
+    avx2 path runs (F16C widening; fp16 is the more accurate of the two 16-bit formats, within the bound
+    tests/test_generate_precision.py checks, and halves the bytes each step streams: ~1.3x faster at
+    batch 1 here); float32 on the generic path (its portable conversions cost more than the bytes they
+    save), for the python engine (the reference) and for cuda (its default so far)."""
+    if isinstance(weights, torch.dtype):
+        if weights not in WEIGHT_DTYPES.values():
+            raise ValueError(f"unknown weight dtype {weights}; choose one of auto, {', '.join(WEIGHT_DTYPES)}")
+        return weights
+    if weights == "auto":
+        if engine == "cpp" and ops.wavenet_generate_cpu_path("auto") == "avx2":
+            return torch.float16
+        return torch.float32
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weight dtype {weights!r}; choose one of auto, {', '.join(WEIGHT_DTYPES)}")
+    return WEIGHT_DTYPES[weights]
+
+
 # ---------------------------------------------------------------------------------------------------
 # packing
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +130,7 @@ def _bias(conv: nn.Module, n: int, like: torch.Tensor) -> torch.Tensor:
 def pack_decoder(decoder: WaveNet, device=None, weight_dtype: torch.dtype = torch.float32) -> PackedDecoder:
     """Transpose every matrix to input-major contiguous form (``y = x @ W``), stack the per-layer
     projections; see `ops.GenWeights`. `weight_dtype` applies to the four engine matrices only
-    (float16/bfloat16 are for the cuda engine; conditioning, embedding and biases stay float32)."""
+    (float16/bfloat16 for the cpp and cuda engines; conditioning, embedding and biases stay float32)."""
     device = torch.device(device) if device is not None else next(decoder.parameters()).device
     f32 = dict(device=device, dtype=torch.float32)
     layers = list(decoder.layers)
@@ -155,21 +179,24 @@ class Generator:
     """Incremental generation from a WaveNet decoder with one engine.
 
     engine: 'auto' | 'python' | 'cpp' | 'cuda'. The python engine runs on `device` (default: the
-    decoder's); cpp on the CPU; cuda on the current GPU. weight_dtype: float32, or float16/bfloat16
-    weight matrices for the cuda engine. cpu_path: the cpp engine's code path ('auto' | 'generic' |
-    'avx2'). The cpp engine uses torch's intra-op threads (torch.set_num_threads) across the batch.
+    decoder's); cpp on the CPU; cuda on the current GPU. weight_dtype: the engine matrices' precision,
+    a torch dtype or 'auto' | 'fp32' | 'fp16' | 'bf16' (`resolve_weight_dtype`); float16/bfloat16 are
+    for the cpp and cuda engines (float32 accumulation). cpu_path: the cpp engine's code path ('auto' |
+    'generic' | 'avx2'). The cpp engine uses torch's intra-op threads (torch.set_num_threads) across the
+    batch.
     """
 
     def __init__(self, decoder: WaveNet, engine: str = "auto", device=None,
-                 weight_dtype: torch.dtype = torch.float32, cpu_path: str = "auto"):
+                 weight_dtype: str | torch.dtype = torch.float32, cpu_path: str = "auto"):
         self.engine = resolve_engine(engine)
+        weight_dtype = resolve_weight_dtype(weight_dtype, self.engine)
         if self.engine == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         elif self.engine == "cpp":
             device = torch.device("cpu")
-        if weight_dtype != torch.float32 and self.engine != "cuda":
-            raise ValueError(f"weight dtype {weight_dtype} is a cuda-engine option; engine {self.engine!r} "
-                             "runs float32")
+        if weight_dtype != torch.float32 and self.engine == "python":
+            raise ValueError(f"weight dtype {weight_dtype}: the python engine (the reference) runs float32; "
+                             "reduced-precision weights are for the cpp and cuda engines")
         self.packed = pack_decoder(decoder, device, weight_dtype)
         self.device = self.packed.weights.embed.device
         self.cpu_path = ops.wavenet_generate_cpu_path(cpu_path) if self.engine == "cpp" else None
@@ -180,11 +207,11 @@ class Generator:
         return self.packed.receptive_field
 
     def describe(self) -> str:
-        """e.g. 'cpp (avx2, 2 threads)' or 'cuda (NVIDIA H100, float16 weights)'."""
+        """e.g. 'cpp (avx2, float16 weights, 2 threads)' or 'cuda (NVIDIA H100, float16 weights)'."""
+        dt = str(self.packed.weights.w_dil.dtype).replace("torch.", "")
         if self.engine == "cpp":
-            return f"cpp ({self.cpu_path}, {torch.get_num_threads()} threads)"
+            return f"cpp ({self.cpu_path}, {dt} weights, {torch.get_num_threads()} threads)"
         if self.engine == "cuda":
-            dt = str(self.packed.weights.w_dil.dtype).replace("torch.", "")
             return f"cuda ({torch.cuda.get_device_name(self.device)}, {dt} weights)"
         return f"python ({self.device}, {torch.get_num_threads()} threads)"
 
@@ -289,7 +316,7 @@ class Generator:
 
 @torch.no_grad()
 def resynthesize(model, wav: np.ndarray, speaker_id: int, engine: str = "auto", seed: int = 0,
-                 weight_dtype: torch.dtype = torch.float32, cpu_path: str = "auto", chunk: int | None = None,
+                 weight_dtype: str | torch.dtype = torch.float32, cpu_path: str = "auto", chunk: int | None = None,
                  progress: bool | None = False, generator: Generator | None = None) -> np.ndarray:
     """wav (T,) float32 at the model rate -> resynthesised (T,) float32 with speaker `speaker_id`
     (the input's speaker: reconstruction; another: voice conversion)."""
@@ -298,9 +325,6 @@ def resynthesize(model, wav: np.ndarray, speaker_id: int, engine: str = "auto", 
     gen = generator or Generator(model.decoder, engine, weight_dtype=weight_dtype, cpu_path=cpu_path)
     q = gen.generate(lc, g, seed=seed, chunk=chunk, progress=progress)
     return ops.mu_law_decode(q[0], model.cfg.n_quant).numpy()
-
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto picks cuda > cpp > python")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampling uniforms")
     ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--weights", default="fp32", choices=sorted(_DTYPES), help="weight precision (cuda engine)")
+    ap.add_argument("--weights", default="auto", choices=("auto",) + tuple(WEIGHT_DTYPES),
+                    help="precision of the engine's weight matrices (float32 accumulation); auto: fp16 for "
+                         "the cpp engine on AVX2/F16C CPUs, else fp32")
     ap.add_argument("--cpu-path", default="auto", choices=("auto", "generic", "avx2"), help="cpp engine code path")
     ap.add_argument("--chunk", type=int, help="steps per engine call (default: up to 4000)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -357,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     except CorpusError as e:
         return fail(f"cannot read input: {e}")
     try:
-        gen = Generator(run.model.decoder, engine, weight_dtype=_DTYPES[a.weights], cpu_path=a.cpu_path)
+        gen = Generator(run.model.decoder, engine, weight_dtype=a.weights, cpu_path=a.cpu_path)
     except (EngineUnavailable, ValueError, RuntimeError) as e:
         return fail(str(e))
 

@@ -7,8 +7,9 @@
 
 namespace wavenet_ae::cpu {
 
-// wavenet_generate's path for `request` ('auto' | 'generic' | 'avx2'): "avx2" or "generic"; raises for an
-// unknown request or 'avx2' on a CPU without AVX2+FMA. (cpu/wavenet_generate.cpp)
+// wavenet_generate's path for `request` ('auto' | 'generic' | 'avx2'): "avx2" or "generic" (the same for
+// float32, float16 and bfloat16 weights); raises for an unknown request or 'avx2' on a CPU without
+// AVX2+FMA+F16C. (cpu/wavenet_generate.cpp)
 std::string wavenet_generate_path(const std::string& request);
 
 // The elementwise passes (gate, its gradient) of residual_layer_fwd/_bwd on float32: "avx2" or "generic"

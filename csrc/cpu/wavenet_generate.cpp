@@ -9,19 +9,28 @@
 //            (up to 4 items x 64 outputs per tile, AVX2 + FMA intrinsics, weights repacked into
 //            16-column panels once per call and read once per tile for all its items), vectorised
 //            gate and sampler exponentials (same summation order as
-//            the generic sampler). Needs avx2+fma (checked with cpuid).
+//            the generic sampler). Needs avx2+fma+f16c (checked with cpuid).
 // `path="auto"` takes avx2 when the CPU has it; wavenet_generate_cpu_path says which one runs.
+//
+// Weight matrices (w_dil, w_out, w_post1, w_post2) may be float32, float16 or bfloat16 on both paths:
+// reduced precision halves the bytes streamed per step, which bounds batch-1 speed (the paper decoder's
+// 3.5 MB of float32 matrices do not fit a core's L2). They are widened to float32 as they are loaded
+// (avx2: F16C for fp16, a 16-bit shift for bf16; generic: c10::Half / c10::BFloat16 conversions, the
+// portable reference of the same arithmetic); products, sums, activations and queues stay float32.
 #include <algorithm>
 #include <cstring>
 #include <exception>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "wavenet_generate_host.h"
@@ -36,6 +45,20 @@ namespace {
 using cpu::cpu_has_avx2;
 #if WN_HAVE_X86
 using cpu::exp8;
+
+// The avx2 path's functions: AVX2 + FMA, and F16C for the fp16 weights' vcvtph2ps (every AVX2 CPU
+// has it, but it is a separate cpuid bit: checked with the others).
+#define WN_GEN __attribute__((target("avx2,fma,f16c")))
+
+bool cpu_has_gen_avx2() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx2() && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+}
+#else
+bool cpu_has_gen_avx2() { return false; }
 #endif
 
 using gen::Chunk;
@@ -51,21 +74,24 @@ constexpr const char* kOp = gen::kGenerateOp;
 struct CpuExec {
   int rank = 0, size = 1;
   void sync() {}
-  void matvec(const float* W, int ld, int n_out, const float* const* xs, int n_seg, int seg_len, float* y) {
+  // WT: float, c10::Half or c10::BFloat16 (widened to float exactly; float accumulation)
+  template <class WT>
+  void matvec(const WT* W, int ld, int n_out, const float* const* xs, int n_seg, int seg_len, float* y) {
     for (int o = 0; o < n_out; ++o) y[o] = 0.f;
     for (int g = 0; g < n_seg; ++g) {
       const float* xg = xs[g];
       for (int i = 0; i < seg_len; ++i) {
         const float xv = xg[i];
-        const float* w = W + (int64_t)(g * seg_len + i) * ld;
-        for (int o = 0; o < n_out; ++o) y[o] += xv * w[o];
+        const WT* w = W + (int64_t)(g * seg_len + i) * ld;
+        for (int o = 0; o < n_out; ++o) y[o] += xv * static_cast<float>(w[o]);
       }
     }
   }
   int sample(const float* logits, int n, float u) { return gen::sample_sequential(logits, n, u); }
 };
 
-void run_generic(const Params<float>& P, const Chunk& c, int64_t b0, int64_t b1) {
+template <class WT>
+void run_generic(const Params<WT>& P, const Chunk& c, int64_t b0, int64_t b1) {
   const Dims& D = P.dims;
   std::vector<float> buf(2 * D.n_out() + D.n_gate() + D.n_dil + D.n_skp + D.n_post + D.n_quant);
   gen::Scratch s;
@@ -98,7 +124,7 @@ void run_generic(const Params<float>& P, const Chunk& c, int64_t b0, int64_t b1)
 // gate[c] = tanh(h[c]) * sigmoid(h[nd + c]) with one division:
 //   tanh(a) sigmoid(b) = (e^2a - 1) / ((e^2a + 1)(1 + e^-b)),  a clamped to [-9, 9] (tanh(9) rounds to
 //   1 in float), b to [-30, 30] (so the denominator stays finite); absolute error ~1e-7.
-WN_AVX2 void gate_avx2(const float* h, int nd, float* gate) {
+WN_GEN void gate_avx2(const float* h, int nd, float* gate) {
   const __m256 one = _mm256_set1_ps(1.f);
   const __m256 a_max = _mm256_set1_ps(9.f), b_max = _mm256_set1_ps(30.f);
   int c = 0;
@@ -115,7 +141,7 @@ WN_AVX2 void gate_avx2(const float* h, int nd, float* gate) {
 }
 
 // gen::sample_sequential with the exponentials computed 8 at a time (same summation order).
-WN_AVX2 int sample_avx2(const float* l, int n, float u, float* e) {
+WN_GEN int sample_avx2(const float* l, int n, float u, float* e) {
   __m256 mv = _mm256_set1_ps(-INFINITY);
   int k = 0;
   for (; k + 8 <= n; k += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(l + k));
@@ -133,41 +159,63 @@ WN_AVX2 int sample_avx2(const float* l, int n, float u, float* e) {
 // Weight matrices repacked for the tiles: 16-column panels, each panel's rows contiguous, so a tile
 // streams its weights sequentially (the input-major layout would make it stride by the row length;
 // measured 1.2-1.5x faster on Zen 3). Element (r, c) of a rows x cols matrix is at
-// ((c / 16) * rows + r) * 16 + c % 16; the last panel is zero-padded. Packed once per op call.
+// ((c / 16) * rows + r) * 16 + c % 16; the last panel is zero-padded. Packed once per op call, in the
+// weights' own type WT: float, c10::Half (fp16, widened by F16C's vcvtph2ps) or c10::BFloat16 (bf16,
+// widened exactly by a 16-bit shift, plain AVX2). Products and sums are float32 whatever WT.
+// bf16 panels interleave their two 8-column halves (column j at lane 2j, column 8 + j at lane 2j + 1), so
+// one 32-byte load widens to both halves with a shift and a mask (no cross-lane shuffle); tiles start at
+// multiples of 16 columns (tile_rows), so a tile's even vectors are panel halves 0 and odd ones halves 1.
 constexpr int kPanel = 16;
 
+template <class WT>
+constexpr int panel_lane(int j) {
+  if constexpr (std::is_same_v<WT, c10::BFloat16>) return j < 8 ? 2 * j : 2 * (j - 8) + 1;
+  return j;
+}
+
+// Where element (r, c) of a packed rows x cols matrix lives.
+template <class WT>
+int64_t packed_index(int rows, int r, int c) {
+  return ((int64_t)(c / kPanel) * rows + r) * kPanel + panel_lane<WT>(c % kPanel);
+}
+
+template <class WT>
 struct PackedMat {
-  const float* p;
+  const WT* p;
   int rows, cols;
 };
 
 int64_t packed_size(int rows, int cols) { return (int64_t)(cols + kPanel - 1) / kPanel * kPanel * rows; }
 
-PackedMat pack(const float* src, int64_t ld, int rows, int cols, float* dst) {
+// Columns [c0, c0 + cols) of the rows x ld source (rows r0.. r0 + rows).
+template <class WT>
+PackedMat<WT> pack(const WT* src, int64_t ld, int rows, int cols, WT* dst) {
   const int panels = (cols + kPanel - 1) / kPanel;
   for (int pn = 0; pn < panels; ++pn)
     for (int r = 0; r < rows; ++r)
       for (int j = 0; j < kPanel; ++j) {
         const int c = pn * kPanel + j;
-        dst[((int64_t)pn * rows + r) * kPanel + j] = c < cols ? src[(int64_t)r * ld + c] : 0.f;
+        dst[packed_index<WT>(rows, r, c)] = c < cols ? src[(int64_t)r * ld + c] : WT(0.f);
       }
   return {dst, rows, cols};
 }
 
+template <class WT>
 struct PackedModel {
-  std::vector<float> buf;
-  std::vector<PackedMat> dil, out;  // per layer; the last layer's `out` has the skip columns only
-  PackedMat post1, post2;
+  std::vector<WT> buf;
+  std::vector<PackedMat<WT>> dil, out;  // per layer; the last layer's `out` has the skip columns only
+  PackedMat<WT> post1, post2;
 };
 
-void pack_model(const Params<float>& P, PackedModel& M) {
+template <class WT>
+void pack_model(const Params<WT>& P, PackedModel<WT>& M) {
   const Dims& D = P.dims;
   const int nr = D.n_res, ng = D.n_gate(), nd = D.n_dil, no = D.n_out(), L = D.n_layers;
   const int kr = D.n_kern * nr;
   int64_t total = packed_size(D.n_skp, D.n_post) + packed_size(D.n_post, D.n_quant);
   for (int l = 0; l < L; ++l) total += packed_size(kr, ng) + packed_size(nd, l == L - 1 ? D.n_skp : no);
   M.buf.resize(total);
-  float* dst = M.buf.data();
+  WT* dst = M.buf.data();
   for (int l = 0; l < L; ++l) {
     M.dil.push_back(pack(P.w_dil + (int64_t)l * kr * ng, ng, kr, ng, dst));
     dst += packed_size(kr, ng);
@@ -180,13 +228,28 @@ void pack_model(const Params<float>& P, PackedModel& M) {
   M.post2 = pack(P.w_post2, D.n_quant, D.n_post, D.n_quant, dst);
 }
 
+// The 8 weights of a panel row's half `odd` as float32; p points at that half (panel row + 8 odd).
+template <class WT>
+WN_GEN inline __m256 load8(const WT* p, bool odd) {
+  if constexpr (std::is_same_v<WT, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<WT, c10::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    static_assert(std::is_same_v<WT, c10::BFloat16>);
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd ? p - 8 : p));  // the whole row
+    return _mm256_castsi256_ps(odd ? _mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u))
+                                   : _mm256_slli_epi32(w, 16));
+  }
+}
+
 // ys[b][col + o] += sum_r W(r, col + o) x_b(r),  o < 8 NV, b < MB; x_b = [xs[b n_seg] ... xs[b n_seg + n_seg-1]]
-// (segments of seg_len rows each); col is a multiple of 8.
-template <int MB, int NV>
-WN_AVX2 inline void tile(const PackedMat& W, int n_seg, int seg_len, const float* const* xs, float* const* ys,
-                         int col) {
+// (segments of seg_len rows each); col is a multiple of 16.
+template <int MB, int NV, class WT>
+WN_GEN inline void tile(const PackedMat<WT>& W, int n_seg, int seg_len, const float* const* xs, float* const* ys,
+                        int col) {
   __m256 acc[MB][NV];
-  const float* wv[NV];
+  const WT* wv[NV];
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v)
     wv[v] = W.p + (int64_t)((col + 8 * v) / kPanel) * W.rows * kPanel + (col + 8 * v) % kPanel;
@@ -202,7 +265,7 @@ WN_AVX2 inline void tile(const PackedMat& W, int n_seg, int seg_len, const float
     for (int i = 0; i < seg_len; ++i) {
       __m256 w[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_ps(wv[v] + r0 + (int64_t)i * kPanel);
+      for (int v = 0; v < NV; ++v) w[v] = load8(wv[v] + r0 + (int64_t)i * kPanel, v & 1);
 #pragma GCC unroll 4
       for (int b = 0; b < MB; ++b) {
         const __m256 xb = _mm256_broadcast_ss(xg[b] + i);
@@ -218,11 +281,11 @@ WN_AVX2 inline void tile(const PackedMat& W, int n_seg, int seg_len, const float
 }
 
 // MB items, columns [0, n_cols): widest tiles first, then narrower ones, then a scalar tail.
-template <int MB>
-WN_AVX2 void tile_rows(const PackedMat& W, int n_cols, int n_seg, int seg_len, const float* const* xs,
-                       float* const* ys) {
+template <int MB, class WT>
+WN_GEN void tile_rows(const PackedMat<WT>& W, int n_cols, int n_seg, int seg_len, const float* const* xs,
+                      float* const* ys) {
   constexpr int NV = MB == 1 ? 8 : (MB == 2 ? 4 : 2);  // <= 8 accumulators + weights in 16 registers
-  int c = 0;
+  int c = 0;  // every tile starts at a multiple of 16 columns (64, 32, 16 wide, then one of 8 at most)
   for (; c + 8 * NV <= n_cols; c += 8 * NV) tile<MB, NV>(W, n_seg, seg_len, xs, ys, c);
   if constexpr (NV > 4) {
     for (; c + 32 <= n_cols; c += 32) tile<MB, 4>(W, n_seg, seg_len, xs, ys, c);
@@ -232,19 +295,21 @@ WN_AVX2 void tile_rows(const PackedMat& W, int n_cols, int n_seg, int seg_len, c
   }
   for (; c + 8 <= n_cols; c += 8) tile<MB, 1>(W, n_seg, seg_len, xs, ys, c);
   for (; c < n_cols; ++c) {
-    const float* wc = W.p + (int64_t)(c / kPanel) * W.rows * kPanel + c % kPanel;
+    const WT* wc = W.p + packed_index<WT>(W.rows, 0, c);
     for (int b = 0; b < MB; ++b) {
       float a = ys[b][c];
       for (int g = 0; g < n_seg; ++g)
-        for (int i = 0; i < seg_len; ++i) a += xs[b * n_seg + g][i] * wc[(int64_t)(g * seg_len + i) * kPanel];
+        for (int i = 0; i < seg_len; ++i)
+          a += xs[b * n_seg + g][i] * static_cast<float>(wc[(int64_t)(g * seg_len + i) * kPanel]);
       ys[b][c] = a;
     }
   }
 }
 
 // ys[b][o] += W^T [xs[b n_seg]; ...; xs[b n_seg + n_seg - 1]],  o < n_cols <= W.cols,  for nb items.
-WN_AVX2 void matmul(const PackedMat& W, int n_cols, int n_seg, int seg_len, int nb, const float* const* xs,
-                    float* const* ys) {
+template <class WT>
+WN_GEN void matmul(const PackedMat<WT>& W, int n_cols, int n_seg, int seg_len, int nb, const float* const* xs,
+                   float* const* ys) {
   int b = 0;
   for (; b + 4 <= nb; b += 4) tile_rows<4>(W, n_cols, n_seg, seg_len, xs + b * n_seg, ys + b);
   switch (nb - b) {
@@ -255,7 +320,8 @@ WN_AVX2 void matmul(const PackedMat& W, int n_cols, int n_seg, int seg_len, int 
   }
 }
 
-WN_AVX2 void run_avx2(const Params<float>& P, const PackedModel& M, const Chunk& c, int64_t b0, int64_t b1) {
+template <class WT>
+WN_GEN void run_avx2(const Params<WT>& P, const PackedModel<WT>& M, const Chunk& c, int64_t b0, int64_t b1) {
   const Dims& D = P.dims;
   const int nb = (int)(b1 - b0), nr = D.n_res, nd = D.n_dil, ng = D.n_gate(), no = D.n_out(), K = D.n_kern;
   const int64_t qstride = P.q_rows * nr;
@@ -382,17 +448,31 @@ void parallel_items(int64_t B, const F& f) {
   if (error) std::rethrow_exception(error);
 }
 
-// "auto" -> the best path this CPU runs; an explicit request is checked.
+// "auto" -> the best path this CPU runs (the same for every weight dtype); an explicit request is checked.
 std::string resolve_path(const std::string& request) {
-  if (request == "auto") return cpu_has_avx2() ? "avx2" : "generic";
+  if (request == "auto") return cpu_has_gen_avx2() ? "avx2" : "generic";
   if (request == "generic") return request;
   if (request == "avx2") {
-    TORCH_CHECK(cpu_has_avx2(), kOp, ": path 'avx2' requested but this CPU lacks AVX2/FMA "
+    TORCH_CHECK(cpu_has_gen_avx2(), kOp, ": path 'avx2' requested but this CPU lacks AVX2/FMA/F16C "
                 "(or the build is not x86-64); use 'auto' or 'generic'");
     return request;
   }
   TORCH_CHECK(false, kOp, ": unknown path '", request, "' (expected 'auto', 'generic' or 'avx2')");
   return request;
+}
+
+template <class WT>
+void generate_cpu(const gen::Problem& pr, const Params<WT>& P, const Chunk& c, bool avx2) {
+#if WN_HAVE_X86
+  if (avx2) {
+    PackedModel<WT> M;
+    pack_model(P, M);
+    parallel_items(pr.B, [&](int64_t b0, int64_t b1) { run_avx2(P, M, c, b0, b1); });
+    return;
+  }
+#endif
+  (void)avx2;
+  parallel_items(pr.B, [&](int64_t b0, int64_t b1) { run_generic(P, c, b0, b1); });
 }
 
 std::tuple<at::Tensor, at::Tensor> wavenet_generate_cpu(
@@ -403,30 +483,22 @@ std::tuple<at::Tensor, at::Tensor> wavenet_generate_cpu(
   const gen::Problem pr = gen::check_problem(embed, w_dil, w_out, b_out, w_post1, b_post1, w_post2, b_post2,
                                              dilations, cond, u, forced, queues, x_prev, t0);
   TORCH_CHECK(cond.device().is_cpu(), kOp, ": CPU kernel called with cond on ", cond.device());
-  TORCH_CHECK(w_dil.scalar_type() == at::kFloat, kOp, ": the CPU engine takes float32 weights, got ",
-              w_dil.scalar_type(), " (float16/bfloat16 weights are a CUDA-engine option)");
   gen::check_classes(pr, forced, x_prev);
-  const Params<float> P = gen::make_params<float>(pr, embed, w_dil, w_out, b_out, w_post1, b_post1, w_post2, b_post2);
   const std::string which = resolve_path(std::string(path));
   at::Tensor samples = at::empty({pr.B, pr.S}, x_prev.options());
-  at::Tensor logits = at::empty({want_logits ? pr.B : 0, pr.S, P.dims.n_quant}, cond.options());
+  at::Tensor logits = at::empty({want_logits ? pr.B : 0, pr.S, pr.dims.n_quant}, cond.options());
   if (pr.B == 0 || pr.S == 0) return {samples, logits};
 
   const Chunk c = gen::make_chunk(cond, u, forced, queues, x_prev, samples, logits, want_logits, pr.S, t0);
   const bool avx2 = which == "avx2";
-#if WN_HAVE_X86
-  PackedModel M;
-  if (avx2) pack_model(P, M);
-#endif
-  parallel_items(pr.B, [&](int64_t b0, int64_t b1) {
-#if WN_HAVE_X86
-    if (avx2) {
-      run_avx2(P, M, c, b0, b1);
-      return;
-    }
-#endif
-    run_generic(P, c, b0, b1);
-  });
+#define WN_GENERATE_CPU(WT) \
+  generate_cpu(pr, gen::make_params<WT>(pr, embed, w_dil, w_out, b_out, w_post1, b_post1, w_post2, b_post2), c, avx2)
+  switch (w_dil.scalar_type()) {  // check_problem allows these three
+    case at::kHalf: WN_GENERATE_CPU(c10::Half); break;
+    case at::kBFloat16: WN_GENERATE_CPU(c10::BFloat16); break;
+    default: WN_GENERATE_CPU(float); break;
+  }
+#undef WN_GENERATE_CPU
   return {samples, logits};
 }
 

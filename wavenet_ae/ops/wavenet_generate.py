@@ -123,7 +123,8 @@ def wavenet_generate_ref(w: GenWeights, cond: torch.Tensor, u: torch.Tensor, for
 
 def wavenet_generate_cpu_path(request: str = "auto") -> str:
     """The CPU code path of the ``cpp`` engine for ``request`` ('auto' | 'generic' | 'avx2'):
-    'avx2' (AVX2+FMA intrinsics, chosen by cpuid at run time) or 'generic' (portable loops)."""
+    'avx2' (AVX2+FMA+F16C intrinsics, chosen by cpuid at run time) or 'generic' (portable loops); the
+    same for every weight dtype."""
     require_ext()
     return torch.ops.wavenet_ae.wavenet_generate_cpu_path(torch.empty(0), request)
 
@@ -133,8 +134,9 @@ def wavenet_generate(w: GenWeights, cond: torch.Tensor, u: torch.Tensor, forced:
                      path: str = "auto"):
     """Incremental generation over one chunk of steps in one kernel call (``cpp`` engine on CPU,
     ``cuda`` engine on GPU); same contract as ``wavenet_generate_ref``. ``path`` picks the CPU code
-    path ('auto' | 'generic' | 'avx2'). The CPU kernel takes float32 weights; the CUDA kernel also
-    float16/bfloat16 weight matrices. Falls back to the reference if no kernel is available."""
+    path ('auto' | 'generic' | 'avx2'). Both kernels take float32, float16 or bfloat16 weight matrices
+    (widened to float32 as they are read; float32 arithmetic). Falls back to the reference if no kernel
+    is available (the reference runs in the weights' dtype)."""
     if use_kernel("wavenet_generate", cond):
         with no_autocast(cond):
             return torch.ops.wavenet_ae.wavenet_generate(
