@@ -467,3 +467,31 @@ def test_clis_run_as_modules(run_dir, wav_file, tmp_path):
     r = subprocess.run([sys.executable, "-m", "wavenet_ae.encode", "--run-dir", str(run_dir), "--input",
                         str(wav_file), "--out", str(tmp_path / "z.npy")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("geometry,wname", [("tiny", "fp32"), ("paper_narrow", "fp32"), ("tiny", "fp16"),
+                                            ("k3", "bf16")])
+def test_cpp_engine_batch_one_team_of_threads_samples_like_python_engine(geometry, wname, threads):
+    """Batch 1 on several threads splits every layer's products across them (a team with a barrier
+    per layer; uneven splits with 3). Sums are grouped by thread, so the check is the free-running one:
+    identical samples until a near-tie, logits within the fp32 tolerance (of the rounded model for
+    reduced weights: the python engine gets the same rounded matrices)."""
+    dec = _decoder(geometry)
+    if wname != "fp32":
+        from test_generate_precision import REDUCED, _rounded
+        dec = _rounded(dec, REDUCED[wname])
+    gen = Generator(dec, "cpp", weight_dtype=wname)
+    torch.set_num_threads(threads)
+    q, _ = _compare_free_running(dec, gen, 1, T=300)
+    g0 = torch.Generator().manual_seed(3)                  # _compare_free_running's inputs, without logits:
+    R, m_lc, m_g = dec.receptive_field, dec.layers[0].lc_proj.in_channels, dec.layers[0].gc_proj.in_features
+    lc, g = torch.randn(1, m_lc, R + 300, generator=g0), torch.randn(1, m_g, generator=g0)
+    assert torch.equal(gen.generate(lc, g, u=torch.rand(1, 300, generator=g0), chunk=173), q)  # history skips outputs
+    # teacher forcing with logits, through several chunks (the team starts once per engine call)
+    dec_q, lc_steps, g, ref = _teacher_forced_case(dec, 1, N=40)
+    smp, lg = gen.run(lc_steps, g, dec_q[:, 0], forced=dec_q[:, 1:], want_logits=True, chunk=211)
+    assert torch.equal(smp, dec_q[:, 1:])
+    assert _report(f"cpp team of {threads} vs forward [{geometry}, {wname}]", lg[:, dec.receptive_field - 1:],
+                   ref) < LOGIT_TOL

@@ -1,6 +1,6 @@
 // Incremental WaveNet generation, CPU engine: the whole autoregressive loop over a chunk of steps in
 // one op call, batch items split across threads (at::get_num_threads() std::threads, one contiguous
-// block of items each; no synchronisation inside).
+// block of items each; no synchronisation inside), or, for one item, its products split (see below).
 //
 // Two paths, chosen at run time (never by -march):
 //   generic  one item at a time through gen::step (csrc/wavenet_step.h) with a team of one thread:
@@ -11,6 +11,9 @@
 //            gate and sampler exponentials (same summation order as
 //            the generic sampler). Needs avx2+fma+f16c (checked with cpuid).
 // `path="auto"` takes avx2 when the CPU has it; wavenet_generate_cpu_path says which one runs.
+// Batch 1 on >= 2 threads (avx2 path) runs as a team instead: every layer's products split across the
+// threads, one spin barrier per layer (run_team below). It needs free cores: on an oversubscribed
+// machine its barriers wait for descheduled threads.
 //
 // Weight matrices (w_dil, w_out, w_post1, w_post2) may be float32, float16 or bfloat16 on both paths:
 // reduced precision halves the bytes streamed per step, which bounds batch-1 speed (the paper decoder's
@@ -18,6 +21,7 @@
 // (avx2: F16C for fp16, a 16-bit shift for bf16; generic: c10::Half / c10::BFloat16 conversions, the
 // portable reference of the same arithmetic); products, sums, activations and queues stay float32.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -412,6 +416,229 @@ WN_GEN void run_avx2(const Params<WT>& P, const PackedModel<WT>& M, const Chunk&
   for (int j = 0; j < nb; ++j) c.x_prev[b0 + j] = cur[j];
 }
 
+// ---------------------------------------------------------------------------------------------------
+// avx2 path, one item on a team of threads (batch 1 on several cores)
+//
+// Each of the T threads owns a slice of every matrix, packed for it alone (so each core keeps its
+// 1/T of the weights in its own L2), and every thread holds the whole state vector x:
+//   w_dil   columns: its gate channels [g0, g1) of the tanh half and of the sigmoid half, so it
+//           computes its own gate channels with no exchange;
+//   w_out   rows [g0, g1) (its gate channels): partial [residual | skip] sums, from its own gates;
+//   post1   columns [p0, p1); post2 rows [p0, p1): partial logits.
+// One barrier per layer: after it every thread adds the T residual partials (in thread order, so all
+// hold the same x) and thread 0 writes the layer's input into the queue (its taps were read before the
+// barrier); skip partials are summed after the last layer, logit partials after one more barrier, and
+// every thread draws the same sample. Residual partials alternate between two buffers by barrier
+// phase, so a thread ahead by one phase never overwrites what another is still reading. Sums are
+// grouped by thread, so results depend on T (float rounding; tests compare to the reference engine).
+// ---------------------------------------------------------------------------------------------------
+
+// A spin barrier for a team that passes one at a time: thread r publishes the phase it reached and
+// waits until every other thread has reached it.
+class TeamBarrier {
+ public:
+  explicit TeamBarrier(int n) : flags_(n) {}
+  void arrive_and_wait(int rank, int64_t phase) {
+    flags_[rank].v.store(phase, std::memory_order_release);
+    for (int r = 0; r < (int)flags_.size(); ++r) {
+      if (r == rank) continue;
+      for (int spins = 0; flags_[r].v.load(std::memory_order_acquire) < phase; ++spins) {
+        if (spins < 4000) {
+          _mm_pause();
+        } else {
+          std::this_thread::yield();  // oversubscribed (more threads than free cores): let the others run
+        }
+      }
+    }
+  }
+
+ private:
+  struct alignas(64) Flag {
+    std::atomic<int64_t> v{0};
+  };
+  std::vector<Flag> flags_;
+};
+
+template <class WT>
+struct TeamSlice {
+  int g0, g1, p0, p1;  // gate channels, post1 outputs
+  std::vector<WT> buf;
+  std::vector<PackedMat<WT>> dil, res, skp;  // per layer (res: all but the last)
+  PackedMat<WT> post1, post2;
+  std::vector<float> scratch;  // the member's vectors (allocated before the team starts)
+};
+
+// Columns `cols` (indices) of a rows x ld matrix, packed.
+template <class WT>
+PackedMat<WT> pack_cols(const WT* src, int64_t ld, int rows, const std::vector<int>& cols, WT* dst) {
+  const int n = (int)cols.size();
+  for (int c = 0; c < packed_size(1, n); ++c)
+    for (int r = 0; r < rows; ++r) dst[packed_index<WT>(rows, r, c)] = c < n ? src[(int64_t)r * ld + cols[c]] : WT(0.f);
+  return {dst, rows, n};
+}
+
+template <class WT>
+void pack_slice(const Params<WT>& P, int t, int T, TeamSlice<WT>& S) {
+  const Dims& D = P.dims;
+  const int nr = D.n_res, ng = D.n_gate(), nd = D.n_dil, no = D.n_out(), L = D.n_layers, kr = D.n_kern * nr;
+  S.g0 = (int)((int64_t)t * nd / T), S.g1 = (int)((int64_t)(t + 1) * nd / T);
+  S.p0 = (int)((int64_t)t * D.n_post / T), S.p1 = (int)((int64_t)(t + 1) * D.n_post / T);
+  const int n = S.g1 - S.g0, np = S.p1 - S.p0;
+  std::vector<int> gcols;
+  for (int c = S.g0; c < S.g1; ++c) gcols.push_back(c);
+  for (int c = S.g0; c < S.g1; ++c) gcols.push_back(nd + c);
+  std::vector<int> pcols;
+  for (int c = S.p0; c < S.p1; ++c) pcols.push_back(c);
+  int64_t total = packed_size(D.n_skp, np) + packed_size(np, D.n_quant);
+  for (int l = 0; l < L; ++l) total += packed_size(kr, 2 * n) + packed_size(n, nr) + packed_size(n, D.n_skp);
+  S.buf.resize(total);
+  WT* dst = S.buf.data();
+  for (int l = 0; l < L; ++l) {
+    S.dil.push_back(pack_cols(P.w_dil + (int64_t)l * kr * ng, ng, kr, gcols, dst));
+    dst += packed_size(kr, 2 * n);
+    const WT* w_rows = P.w_out + ((int64_t)l * nd + S.g0) * no;  // rows [g0, g1) of layer l's w_out
+    if (l < L - 1) {
+      S.res.push_back(pack(w_rows, no, n, nr, dst));
+      dst += packed_size(n, nr);
+    }
+    S.skp.push_back(pack(w_rows + nr, no, n, D.n_skp, dst));
+    dst += packed_size(n, D.n_skp);
+  }
+  S.post1 = pack_cols(P.w_post1, D.n_post, D.n_skp, pcols, dst);
+  dst += packed_size(D.n_skp, np);
+  S.post2 = pack(P.w_post2 + (int64_t)S.p0 * D.n_quant, D.n_quant, np, D.n_quant, dst);
+  S.scratch.resize(nr + 3 * n + D.n_skp + np + 2 * D.n_quant);
+}
+
+// Shared by the team: partial sums, published before a barrier and read after it.
+struct TeamShared {
+  int T;
+  std::vector<float> res;     // (2, T, n_res)  residual partials, by barrier-phase parity
+  std::vector<float> skip;    // (T, n_skp)     skip partials (read after the last layer's barrier)
+  std::vector<float> logits;  // (T, n_quant)   logit partials
+};
+
+template <class WT>
+WN_GEN void run_team_member(const Params<WT>& P, const TeamSlice<WT>& S, TeamShared& sh, TeamBarrier& bar,
+                            const Chunk& c, int t) {
+  const Dims& D = P.dims;
+  const int nr = D.n_res, nd = D.n_dil, no = D.n_out(), K = D.n_kern, T = sh.T, nq = D.n_quant;
+  const int n = S.g1 - S.g0, np = S.p1 - S.p0;
+  float* x = const_cast<float*>(S.scratch.data());  // (nr) the layer input, the same on every thread
+  float* h = x + nr;            // (2n)     own gate pre-activations [tanh | sigmoid]
+  float* gate = h + 2 * n;      // (n)
+  float* z = gate + n;          // (n_skp)  relu(skip)
+  float* post = z + D.n_skp;    // (np)
+  float* lg = post + np;        // (nq)
+  float* exps = lg + nq;        // (nq)
+  float* skip = sh.skip.data() + (size_t)t * D.n_skp;
+  float* lpart = sh.logits.data() + (size_t)t * nq;
+  const float* xs[gen::kMaxKern];
+  int64_t phase = 0;
+  int cur = (int)c.x_prev[0];
+
+  for (int64_t i = 0; i < c.S; ++i) {
+    const int64_t tt = c.t0 + i;
+    const int64_t f = c.forced ? c.forced[i] : -1;
+    const bool need_out = c.logits != nullptr || f < 0;
+    std::memcpy(x, P.embed + (int64_t)cur * nr, sizeof(float) * nr);
+    if (need_out) std::fill(skip, skip + D.n_skp, 0.f);
+    const float* cond = c.cond + i * D.cond_stride();
+    for (int l = 0; l < D.n_layers; ++l) {
+      const int d = P.dil[l];
+      const int64_t Q = (int64_t)(K - 1) * d;
+      float* q_now = c.queues + (P.qoff[l] + gen::queue_slot(tt, 0, Q)) * nr;
+      const bool last = l == D.n_layers - 1;
+      if (last && !need_out) {
+        if (t == 0) std::memcpy(q_now, x, sizeof(float) * nr);
+        continue;
+      }
+      for (int k = 0; k < K - 1; ++k)
+        xs[k] = c.queues + (P.qoff[l] + gen::queue_slot(tt, (int64_t)(K - 1 - k) * d, Q)) * nr;
+      xs[K - 1] = x;
+      const float* cl = cond + (int64_t)l * 2 * nd;
+      std::memcpy(h, cl + S.g0, sizeof(float) * n);
+      std::memcpy(h + n, cl + nd + S.g0, sizeof(float) * n);
+      float* yh = h;
+      matmul(S.dil[l], 2 * n, K, nr, 1, xs, &yh);
+      gate_avx2(h, n, gate);
+      const float* gp = gate;
+      const float* bl = P.b_out + (int64_t)l * no;
+      float* res = sh.res.data() + ((size_t)(phase & 1) * T + t) * nr;
+      if (!last) {
+        if (t == 0) {
+          std::memcpy(res, bl, sizeof(float) * nr);
+        } else {
+          std::fill(res, res + nr, 0.f);
+        }
+        matmul(S.res[l], nr, 1, n, 1, &gp, &res);
+      }
+      if (need_out) {
+        if (t == 0)
+          for (int o = 0; o < D.n_skp; ++o) skip[o] += bl[nr + o];
+        matmul(S.skp[l], D.n_skp, 1, n, 1, &gp, &skip);
+      }
+      bar.arrive_and_wait(t, ++phase);
+      if (t == 0) std::memcpy(q_now, x, sizeof(float) * nr);  // every thread has read the taps
+      if (!last) {
+        const float* r0 = sh.res.data() + (size_t)((phase - 1) & 1) * T * nr;
+        for (int r = 0; r < T; ++r)
+          for (int o = 0; o < nr; ++o) x[o] += r0[(size_t)r * nr + o];
+      }
+    }
+    int y = (int)f;
+    if (need_out) {
+      for (int o = 0; o < D.n_skp; ++o) {
+        float s = 0.f;
+        for (int r = 0; r < T; ++r) s += sh.skip[(size_t)r * D.n_skp + o];
+        z[o] = gen::relu(s);
+      }
+      std::memcpy(post, P.b_post1 + S.p0, sizeof(float) * np);
+      const float* zp = z;
+      float* pp = post;
+      matmul(S.post1, np, 1, D.n_skp, 1, &zp, &pp);
+      for (int o = 0; o < np; ++o) post[o] = gen::relu(post[o]);
+      if (t == 0) {
+        std::memcpy(lpart, P.b_post2, sizeof(float) * nq);
+      } else {
+        std::fill(lpart, lpart + nq, 0.f);
+      }
+      const float* pc = post;
+      matmul(S.post2, nq, 1, np, 1, &pc, &lpart);
+      bar.arrive_and_wait(t, ++phase);
+      std::fill(lg, lg + nq, 0.f);
+      for (int r = 0; r < T; ++r)
+        for (int o = 0; o < nq; ++o) lg[o] += sh.logits[(size_t)r * nq + o];
+      if (t == 0 && c.logits) std::memcpy(c.logits + i * nq, lg, sizeof(float) * nq);
+      if (f < 0) y = sample_avx2(lg, nq, c.u[i], exps);
+    }
+    if (t == 0) c.samples[i] = y;
+    cur = y;
+  }
+  if (t == 0) c.x_prev[0] = cur;
+}
+
+template <class WT>
+void run_team(const Params<WT>& P, const Chunk& c, int T) {
+  const Dims& D = P.dims;
+  std::vector<TeamSlice<WT>> slices(T);
+  for (int t = 0; t < T; ++t) pack_slice(P, t, T, slices[t]);
+  TeamShared sh{T, std::vector<float>((size_t)2 * T * D.n_res), std::vector<float>((size_t)T * D.n_skp),
+                std::vector<float>((size_t)T * D.n_quant)};
+  TeamBarrier bar(T);
+  std::vector<std::thread> workers;
+  for (int t = 1; t < T; ++t) workers.emplace_back([&, t] { run_team_member(P, slices[t], sh, bar, c, t); });
+  run_team_member(P, slices[0], sh, bar, c, 0);
+  for (auto& w : workers) w.join();
+}
+
+// Threads of the team for B items on `threads` threads: batch 1 on >= 2 threads (each takes >= 4 gate
+// channels and post1 outputs); otherwise 1 (items split across threads instead).
+int team_size(const Dims& D, int64_t B, int threads) {
+  if (B != 1 || threads < 2) return 1;
+  return std::max(1, std::min({threads, D.n_dil / 4, D.n_post / 4}));
+}
+
 #endif  // WN_HAVE_X86
 
 // Runs f(b0, b1) on at::get_num_threads() threads, each taking one contiguous block of the B items
@@ -465,6 +692,11 @@ template <class WT>
 void generate_cpu(const gen::Problem& pr, const Params<WT>& P, const Chunk& c, bool avx2) {
 #if WN_HAVE_X86
   if (avx2) {
+    const int team = team_size(P.dims, pr.B, at::get_num_threads());
+    if (team > 1) {
+      run_team(P, c, team);
+      return;
+    }
     PackedModel<WT> M;
     pack_model(P, M);
     parallel_items(pr.B, [&](int64_t b0, int64_t b1) { run_avx2(P, M, c, b0, b1); });
