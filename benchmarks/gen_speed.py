@@ -1,16 +1,19 @@
-"""Generation speed: engine x batch x preset.
+"""Generation speed: engine x weight dtype x batch x threads x preset.
 
     python benchmarks/gen_speed.py [--presets tiny,paper] [--batches 1,16,64] [--engines python,cpp,cuda]
-                                   [--threads N] [--seconds 1.0] [--json] [--json-out PATH] [--check-args]
-                                   [--keep-going]
+                                   [--weights fp32,fp16,bf16] [--threads 1,2] [--seconds 1.0] [--json]
+                                   [--json-out PATH] [--check-args] [--keep-going]
 
 Measures `Generator.run` on free-running sampling (no teacher forcing): per-chunk conditioning
 (one batched matmul) + the engine's autoregressive loop; packing the weights (once per model) is not
 timed; each row is the best of --repeat timed runs (the machine may be shared). samples/s counts all B streams; "x real time" = samples/s / sample rate (16 kHz). Each row's
-ratio is to the `python` engine (the reference) measured in this run with the same preset, batch and
-threads. Batch 1 runs on one thread (the cpp engine splits the batch across threads, so one item uses
-one thread anyway); larger batches on all cores, unless --threads says otherwise. Decoders are
-randomly initialised (speed does not depend on the weights). The python engine runs fewer steps.
+ratios are to the `python` engine (the reference, float32) and to the float32 `cpp` engine, both
+measured in this run with the same preset, batch and threads. Every weight dtype (--weights; the
+python engine runs float32 only) and every thread count (--threads, default 1 and all cores) is a
+row: the cpp engine splits a batch's items across threads, and batch 1's products (a team of threads,
+one barrier per layer; it needs free cores). The path column names the cpp engine's CPU code path
+(cuda: gpu). Decoders are randomly initialised (speed does not depend on the weights). The python
+engine runs fewer steps.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from common import add_run_args, environment, format_table, timeit  # this scrip
 
 from wavenet_ae import ops  # the installed package (pip install -e . for the working tree)
 from wavenet_ae.config import preset
-from wavenet_ae.generate import Generator, available_engines
+from wavenet_ae.generate import Generator, available_engines, resolve_weight_dtype
 from wavenet_ae.model.decoder import WaveNet
 
 
@@ -54,12 +57,12 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default="tiny,paper")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--engines", default=None, help="default: every available engine (python, cpp, cuda)")
-    ap.add_argument("--threads", type=int, default=None, help="threads for every row (default: 1 for batch 1, "
-                                                               "all cores otherwise)")
+    ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
     ap.add_argument("--seconds", type=float, default=0.7, help="target time per timed run (cpp/cuda)")
     ap.add_argument("--python-seconds", type=float, default=0.5, help="target time per python timed run")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per row; the best is reported")
-    ap.add_argument("--cuda-dtypes", default="fp32,fp16,bf16")
+    ap.add_argument("--weights", default="fp32,fp16,bf16", help="weight dtypes of the cpp and cuda engines")
+    ap.add_argument("--cuda-dtypes", dest="weights", help=argparse.SUPPRESS)  # the former name (scripts/gpu_check.py)
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     add_run_args(ap, "row")
     a = ap.parse_args(argv)
@@ -71,8 +74,12 @@ def main(argv=None) -> int:
         batches = [int(b) for b in a.batches.split(",")]
     except ValueError:
         ap.error(f"--batches {a.batches!r}: expected comma-separated integers")
+    try:
+        thread_counts = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, cores})
+    except ValueError:
+        ap.error(f"--threads {a.threads!r}: expected comma-separated integers")
     for what, got, allowed in (("--engines", engines, ("python", "cpp", "cuda")),
-                               ("--cuda-dtypes", a.cuda_dtypes.split(","), tuple(dtypes))):
+                               ("--weights", a.weights.split(","), tuple(dtypes))):
         bad = [x for x in got if x not in allowed]
         if bad:
             ap.error(f"{what}: unknown {bad}; choose from {', '.join(allowed)}")
@@ -85,6 +92,8 @@ def main(argv=None) -> int:
             ap.error(f"--presets: {e}")
     env = environment()
     env["cpp_path"] = ops.wavenet_generate_cpu_path("auto") if ops.has_kernel("wavenet_generate", "cpu") else None
+    env["cpp_weights_auto"] = (str(resolve_weight_dtype("auto", "cpp")).replace("torch.", "")
+                               if env["cpp_path"] else None)
     if a.check_args:
         # everything but the measuring: a generator of each engine available here, for each preset
         here = available_engines()
@@ -93,7 +102,8 @@ def main(argv=None) -> int:
             for engine in (e for e in engines if e in here):
                 Generator(dec, engine)
         print(json.dumps({"presets": a.presets.split(","), "batches": batches, "engines": engines,
-                          "cuda_dtypes": a.cuda_dtypes.split(","), "seconds": a.seconds, "repeat": a.repeat,
+                          "weights": a.weights.split(","), "threads": thread_counts, "seconds": a.seconds,
+                          "repeat": a.repeat,
                           "json_out": a.json_out, "available_here": here}))
         return 0
     rows = []
@@ -103,12 +113,11 @@ def main(argv=None) -> int:
         dec = WaveNet(m).eval()
         geometry = (f"{len(m.dilations)} layers, res {m.n_res}, gate {2 * m.n_dil}, skip {m.n_skp}, "
                     f"post {m.n_post}, quant {m.n_quant}")
-        for B in batches:
-            threads = a.threads or (1 if B == 1 else cores)
+        for B, threads in ((B, t) for B in batches for t in thread_counts):
             torch.set_num_threads(threads)
-            ref = None
+            ref = ref_cpp = None
             for engine in engines:
-                variants = [dtypes[d] for d in a.cuda_dtypes.split(",")] if engine == "cuda" else [torch.float32]
+                variants = [torch.float32] if engine == "python" else [dtypes[d] for d in a.weights.split(",")]
                 for wdt in variants:
                     try:
                         gen = Generator(dec, engine, weight_dtype=wdt)
@@ -129,7 +138,10 @@ def main(argv=None) -> int:
                            "weights": str(wdt).replace("torch.", ""), "geometry": geometry, **r}
                     if engine == "python":
                         ref = r["samples_per_s"]
+                    if engine == "cpp" and wdt == torch.float32:
+                        ref_cpp = r["samples_per_s"]
                     row["vs_python"] = r["samples_per_s"] / ref if ref else None
+                    row["vs_cpp_fp32"] = r["samples_per_s"] / ref_cpp if ref_cpp and engine == "cpp" else None
                     rows.append(row)
                     if not a.json:
                         print(f"  {pname:5s} {engine:6s} B={B:<3d} {row['weights']:8s} {threads} thr: "
@@ -141,14 +153,16 @@ def main(argv=None) -> int:
         print(json.dumps({"environment": env, "rows": rows}, indent=1))
         return 1 if failed else 0
     print(f"CPU: {env['cpu']} ({env['cpu_cores']} cores, SIMD: {' '.join(env['cpu_simd']) or 'none'}); "
-          f"cpp engine path: {env['cpp_path']} (runtime dispatch); torch {env['torch']}; GPU: {env['gpu'] or 'none'}")
+          f"cpp engine path: {env['cpp_path']} (runtime dispatch; weights auto: {env['cpp_weights_auto']}); "
+          f"torch {env['torch']}; GPU: {env['gpu'] or 'none'}")
     for pname in a.presets.split(","):
         sel = [r for r in rows if r["preset"] == pname]
         print(f"\npreset {pname}: {sel[0]['geometry']}; float32 conditioning/activations")
         print(format_table(sel, [("engine", "engine"), ("path", "path"), ("weights", "weights"),
                                  ("batch", "batch"), ("threads", "threads"), ("steps", "steps"),
                                  ("samples_per_s", "samples/s"), ("x_realtime", "x real time (16 kHz)"),
-                                 ("ms_per_step", "ms/step"), ("vs_python", "vs python")]))
+                                 ("ms_per_step", "ms/step"), ("vs_python", "vs python"),
+                                 ("vs_cpp_fp32", "vs cpp fp32")]))
     for r in rows:
         if "error" in r:
             print(f"FAILED {r['preset']} {r['engine']} B={r['batch']} {r['weights']}: {r['error']}")
