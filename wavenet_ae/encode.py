@@ -41,7 +41,7 @@ def encode_signal(model, wav: np.ndarray):
     padded = np.concatenate([np.zeros(left, np.float32), np.asarray(wav, np.float32),
                              np.zeros(max(0, right), np.float32)])
     dev = next(model.parameters()).device
-    feats = torch.from_numpy(mfcc_features(padded, m))[None].to(dev)
+    feats = mfcc_features(torch.from_numpy(padded).to(dev), m)[None]      # on the model's device
     z, terms = model.encode(feats)
     if z.shape[-1] < M:
         raise RuntimeError(f"internal: encoder gave {z.shape[-1]} latents for {M} segments")

@@ -97,7 +97,7 @@ class WaveNetAE(nn.Module):
         padded = np.concatenate([np.zeros(left, np.float32), np.asarray(wav, np.float32),
                                  np.zeros(right, np.float32)])
         dev = next(self.parameters()).device
-        feats = torch.from_numpy(mfcc_features(padded, self.cfg))[None].to(dev)
+        feats = mfcc_features(torch.from_numpy(padded).to(dev), self.cfg)[None]      # on the model's device
         z, _ = self.encode(feats)
         up = self.conditioning(z)
         p = self.plan(self.cfg.hop)
