@@ -19,6 +19,7 @@ step runs.
                     save()) on the training device, and a DDP training step of the paper model (every
                     parameter and buffer must be on the GPU: NCCL serves CUDA tensors only)
   gen_speed         benchmarks/gen_speed.py: python, cpp and cuda (fp32/fp16/bf16 weights), batch 1..256, paper
+  data_speed        benchmarks/data_speed.py: loaders (inline, thread, process) vs the paper step on cuda
   train_speed       benchmarks/train_speed.py: cuda, paper preset, bf16 autocast, batch 8 and 32, reference vs
                     fused (step time, samples/s, peak memory)
   resume            the paper preset on the demo corpus on the GPU (~2 min): two uninterrupted runs and one
@@ -28,7 +29,7 @@ step runs.
 
 Results land in --out (default: $OUT, the device tool's folder that comes back): summary.json (every
 step: commands, status, seconds, timeout, parsed results; rewritten after each step), gpu_check.log (all
-output of all commands), cuda_tests.xml (junit), gen_speed.json and train_speed.json (rows). The
+output of all commands), cuda_tests.xml (junit), gen_speed.json, data_speed.json and train_speed.json (rows). The
 console gets each step's tail and, last, a summary that fits the tool's 12,000-character output tail.
 
 --dry-run (CI: tests/test_gpu_kit.py) runs every step that needs no GPU and lists the GPU steps with their
@@ -115,6 +116,8 @@ DEVICE_PYTHON = "3.12"
 GEN_ARGS = ["--presets", "paper", "--batches", "1,4,16,64,256", "--engines", "python,cpp,cuda",
             "--cuda-dtypes", "fp32,fp16,bf16", "--seconds", "0.3", "--python-seconds", "0.3", "--repeat", "3",
             "--keep-going"]
+DATA_SPEED_ARGS = ["--presets", "paper", "--device", "cuda", "--files", "24", "--batches", "300", "--step-repeat", "5",
+                   "--keep-going"]
 TRAIN_SPEED_ARGS = ["--configs", "cuda:paper:bf16:8,cuda:paper:bf16:32", "--modes", "reference,fused",
                     "--steps", "10", "--warmup", "3", "--keep-going"]
 # the training runs (paper preset, demo corpus)
@@ -384,10 +387,13 @@ def plan(ctx: Ctx) -> list[dict]:
          "cmds": [nccl_probe_cmd(ctx)]},
         {"name": "gen_speed", "timeout": 100, "expect": 45, "dry": "these arguments with --check-args",
          "cmds": [[ctx.py, "benchmarks/gen_speed.py", *GEN_ARGS, "--json-out", str(ctx.out / "gen_speed.json")]]},
+        {"name": "data_speed", "timeout": 60, "expect": 20, "dry": "these arguments with --check-args",
+         "cmds": [[ctx.py, "benchmarks/data_speed.py", *DATA_SPEED_ARGS,
+                   "--json-out", str(ctx.out / "data_speed.json")]]},
         {"name": "train_speed", "timeout": 130, "expect": 65, "dry": "these arguments with --check-args",
          "cmds": [[ctx.py, "benchmarks/train_speed.py", *TRAIN_SPEED_ARGS,
                    "--json-out", str(ctx.out / "train_speed.json")]]},
-        {"name": "resume", "timeout": 170, "expect": 120, "dry": "train's parser, --set keys",
+        {"name": "resume", "timeout": 170, "expect": 100, "dry": "train's parser, --set keys",
          "note": f"N steps sized at run time from train_speed's step time and the budget left "
                  f"(shown: N={RESUME_DEFAULT_STEPS}); A and A2 run to N uninterrupted, B gets SIGINT at "
                  f"step >= {rp['sigint_at']} and is resumed with the same command; all three at once",

@@ -1,6 +1,7 @@
 """Corpus index (bad input handling) and slice buffer (validity, exact resume, ranks)."""
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,3 +366,70 @@ def test_a_resume_on_another_world_size_neither_skips_nor_repeats_a_file(synth_c
     _, buf = _buffer(root, m, p, rank=0, world_size=new_world, **kw)
     assert buf.restore_all([mid] + [dict(mid, rank=r) for r in range(1, new_world)]) is None
     assert [(b.files, b.starts) for b in (next(buf) for _ in range(6))] == [(b.files, b.starts) for b in want]
+
+
+def test_a_loader_process_gives_the_same_batches_and_restores_exactly(synth_corpus):
+    m, p = _tiny()
+    root = synth_corpus(n_speakers=3, per_speaker=3)
+    _, ref = _buffer(root, m, p, prefetch=3, fraction=0.001)
+    want = [next(ref) for _ in range(12)]
+    ref.close()
+    _, buf = _buffer(root, m, p, prefetch=3, fraction=0.001, loader="process")
+    got = [next(buf) for _ in range(6)]
+    state = json.loads(json.dumps(buf.state()))
+    buf.close()
+    _, again = _buffer(root, m, p, prefetch=3, fraction=0.001, loader="process")
+    again.restore(state)
+    got += [next(again) for _ in range(6)]
+    again.close()
+    for g, w in zip(got, want):
+        assert (g.files, g.starts) == (w.files, w.starts)
+        assert g.enc_wav.tobytes() == w.enc_wav.tobytes() and g.dec_wav.tobytes() == w.dec_wav.tobytes()
+        assert g.speaker_ids.tolist() == w.speaker_ids.tolist()
+
+
+def test_a_loader_process_that_dies_is_an_error_not_a_hang(synth_corpus):
+    import os
+    import signal
+    m, p = _tiny()
+    _, buf = _buffer(synth_corpus(), m, p, prefetch=2, loader="process")
+    next(buf)
+    os.kill(buf._thread.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="data loader process died"):
+        for _ in range(1000):                  # what it had queued, then the error
+            next(buf)
+    buf.close()
+
+
+def test_a_loader_process_ends_with_its_killed_parent(synth_corpus, tmp_path):
+    """SIGKILL of the training process leaves no one to close the loader: it notices and exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = synth_corpus()
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_data import _buffer, _tiny
+m, p = _tiny()
+_, buf = _buffer({str(root)!r}, m, p, prefetch=2, loader="process")
+next(buf)
+print(buf._thread.pid, flush=True)
+time.sleep(600)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[1])
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    t = time.time()
+    while time.time() - t < 20:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the loader process outlived its parent by 20 s")

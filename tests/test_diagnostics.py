@@ -27,11 +27,18 @@ def _model_and_batches(bottleneck, n_batches=2, B=4, seed=0):
                   *(w for layer in model.decoder.layers for w in (layer.lc_proj.weight, layer.gc_proj.weight))]:
             p.mul_(10)
     m, p = cfg.model, model.plan(cfg.data.n_win)
-    batches = [SimpleNamespace(feats=torch.randn(B, m.n_in, p.n_frames) * 3,
-                               dec_q=torch.randint(0, m.n_quant, (B, p.dec_len)),
-                               speaker=torch.arange(B) % m.n_speakers)
+    batches = [_Batch(feats=torch.randn(B, m.n_in, p.n_frames) * 3,
+                      dec_q=torch.randint(0, m.n_quant, (B, p.dec_len)),
+                      speaker=torch.arange(B) % m.n_speakers)
                for _ in range(n_batches)]
     return model, batches
+
+
+class _Batch(SimpleNamespace):
+    """A slice-buffer batch with given features (`Batch.to` computes them from raw windows)."""
+
+    def to(self, device):
+        return self.feats.to(device), self.dec_q.to(device), self.speaker.to(device)
 
 
 @pytest.mark.parametrize("bottleneck", BOTTLENECKS)

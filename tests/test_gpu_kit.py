@@ -14,8 +14,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("env", "wheels", "build", "cuda_tests", "nccl_cli", "nccl_collectives", "gen_speed", "train_speed",
-         "resume")
+STEPS = ("env", "wheels", "build", "cuda_tests", "nccl_cli", "nccl_collectives", "gen_speed", "data_speed",
+         "train_speed", "resume")
 
 
 def _kit():

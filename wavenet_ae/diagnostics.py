@@ -39,7 +39,7 @@ def held_out_diagnostics(model, batches, device="cpu") -> dict:
     sums: dict[str, float] = {}
     codes, kl_dims = [], []
     for b in batches:
-        feats, dec_q, spk = b.feats.to(device), b.dec_q.to(device), b.speaker.to(device)
+        feats, dec_q, spk = b.to(device)
         z, terms = model.encode(feats)
         target = dec_q[:, R:]
         ce = {}

@@ -44,7 +44,7 @@ from .runlog import Logger
 # keys that may differ between a run's config.json and a resume command
 # (not data.buffer_seconds: the buffer's size decides which files make up a chunk, i.e. the batch stream)
 SAFE_TO_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.validate_every", "train.log_every"}
+                  "train.validate_every", "train.log_every", "data.loader"}
 
 
 class StopFlag:
@@ -202,7 +202,8 @@ def train(args) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     p = model.plan(cfg.data.n_win)
     buf = SliceBuffer(train_set, cfg.model, p, cfg.data.n_batch, cfg.data.buffer_seconds,
-                      cfg.data.fraction, seed=cfg.train.seed, rank=rank, world_size=world)
+                      cfg.data.fraction, seed=cfg.train.seed, rank=rank, world_size=world,
+                      loader=cfg.data.loader)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -274,7 +275,7 @@ def train(args) -> int:
             opt.step()
             sched.step()
             step += 1                                                  # data position is t + 1 now
-            n_last += batch.dec_q.shape[0] * p.n_win
+            n_last += len(batch.files) * p.n_win
             if step % cfg.train.log_every == 0 or step == max_steps:
                 now = time.time()
                 scalars = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
@@ -300,7 +301,7 @@ def train(args) -> int:
 
 
 def _loss(ddp, model, batch, device):
-    feats, dec_q, spk = batch.feats.to(device), batch.dec_q.to(device), batch.speaker.to(device)
+    feats, dec_q, spk = batch.to(device)
     h, terms = ddp(feats, dec_q, spk, head=False)  # through the DDP wrapper, if any: it syncs gradients
     return model.loss_from(h, terms, dec_q)
 

@@ -26,7 +26,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import multiprocessing
+import pickle
 import queue
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -46,40 +49,63 @@ STATE_VERSION = 3          # 2: + bad files (1 is read as having none); 3: + nex
 
 @dataclass
 class Batch:
-    feats: torch.Tensor        # (B, n_in, n_frames) float32
-    dec_q: torch.Tensor        # (B, N + R) int64 mu-law classes; targets are [:, R:]
-    speaker: torch.Tensor      # (B,) int64
+    """Raw windows: the features and mu-law classes are computed where the model runs (`to`), as
+    batched tensor ops on its device, so the loader only cuts samples out of decoded files."""
+    enc_wav: np.ndarray        # (B, enc_len) float32: each window's encoder samples
+    dec_wav: np.ndarray        # (B, N + R) float32: its decoder samples; the targets are [:, R:]
+    speaker_ids: np.ndarray    # (B,) int64
     files: list[int]           # corpus index of each window's file
     starts: list[int]          # first target sample of each window in its file
     position: dict             # the position *after* this batch (what a checkpoint stores)
+    m: ModelConfig
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason) found bad meanwhile
+
+    def to(self, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features (B, n_in, n_frames) float32, mu-law classes (B, N + R) int64, speakers (B,) int64),
+        computed on `device`."""
+        enc = torch.from_numpy(self.enc_wav).to(device, non_blocking=True)
+        dec = torch.from_numpy(self.dec_wav).to(device, non_blocking=True)
+        return (mfcc_features(enc, self.m), mu_law_encode(dec, self.m.n_quant),
+                torch.from_numpy(self.speaker_ids).to(device, non_blocking=True))
+
+    @property
+    def feats(self) -> torch.Tensor:       # on the CPU, as `to("cpu")` computes them
+        return mfcc_features(torch.from_numpy(self.enc_wav), self.m)
+
+    @property
+    def dec_q(self) -> torch.Tensor:
+        return mu_law_encode(torch.from_numpy(self.dec_wav), self.m.n_quant)
+
+    @property
+    def speaker(self) -> torch.Tensor:
+        return torch.from_numpy(self.speaker_ids)
 
 
 def make_batch(chunks: list[tuple[int, np.ndarray, int]], picks: list[tuple[int, int]],
                p: WindowPlan, m: ModelConfig, position: dict) -> Batch:
     """Cut windows (chunk index, t0) out of loaded (file index, wav, speaker id) triples."""
     cuts = [(chunks[c][1], window_slices(t0, p)) for c, t0 in picks]
-    enc = np.stack([wav[e] for wav, (e, _) in cuts])
-    dec = np.stack([wav[d] for wav, (_, d) in cuts])
-    return Batch(feats=torch.from_numpy(mfcc_features(enc, m)),
-                 dec_q=mu_law_encode(torch.from_numpy(dec), m.n_quant),
-                 speaker=torch.tensor([chunks[c][2] for c, _ in picks], dtype=torch.int64),
+    return Batch(enc_wav=np.stack([wav[e] for wav, (e, _) in cuts]),
+                 dec_wav=np.stack([wav[d] for wav, (_, d) in cuts]),
+                 speaker_ids=np.array([chunks[c][2] for c, _ in picks], dtype=np.int64),
                  files=[chunks[c][0] for c, _ in picks], starts=[t0 for _, t0 in picks],
-                 position=position)
+                 position=position, m=m)
 
 
 class SliceBuffer:
     def __init__(self, corpus: Corpus, m: ModelConfig, p: WindowPlan, n_batch: int,
                  buffer_seconds: float, fraction: float = 1.0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, prefetch: int = 4):
+                 rank: int = 0, world_size: int = 1, prefetch: int = 4, loader: str = "thread"):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction={fraction} must lie in (0, 1]")
+        if loader not in ("thread", "process"):
+            raise ValueError(f"loader={loader!r}: expected 'thread' or 'process'")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.corpus, self.m, self.p, self.B = corpus, m, p, n_batch
         self.budget = int(buffer_seconds * m.sample_rate)
         self.fraction, self.seed, self.rank, self.world = fraction, seed, rank, world_size
-        self.prefetch = prefetch
+        self.prefetch, self.loader = prefetch, loader     # prefetch 0: batches made by the caller
         self.usable = [i for i, u in enumerate(corpus.utterances) if u.n_samples >= p.total_len]
         if len(self.usable) < world_size:
             raise CorpusError(f"{len(self.usable)} files hold a full window "
@@ -90,7 +116,7 @@ class SliceBuffer:
         self._skipped: list[tuple[str, str]] = []  # found bad since the last batch was cut
         self._position = {"epoch": 0, "cursor": 0, "drawn": 0, "next": 0, "bad": [], "epoch_bad": []}
         self._explicit: tuple[int, list[int]] | None = None   # (epoch, this rank's files) after a re-shard
-        self._thread: threading.Thread | None = None
+        self._thread = None        # the loader thread / process (the caller's thread with prefetch 0)
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
 
@@ -261,7 +287,7 @@ class SliceBuffer:
         else:
             if self._thread is None:
                 self._start()
-            item = self._queue.get()
+            item = self._get()
             if isinstance(item, BaseException):
                 raise item
             batch = item
@@ -271,36 +297,95 @@ class SliceBuffer:
         return batch
 
     def _start(self) -> None:
-        self._stop.clear()
-        self._queue = queue.Queue(maxsize=self.prefetch)
         start = dict(self._position)
-
-        def put(q: queue.Queue, stop: threading.Event, item) -> bool:
-            """Block until there is room or the consumer closed the buffer (-> False)."""
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work(q: queue.Queue, stop: threading.Event) -> None:
-            try:
-                for batch in self._generate(start):
-                    if not put(q, stop, batch):
-                        return
-            except BaseException as e:  # handed to the consumer, unless it has gone (close())
-                put(q, stop, e)
-
-        self._thread = threading.Thread(target=work, args=(self._queue, self._stop), daemon=True)
+        if self.loader == "process":
+            # a pipe of our own, not a multiprocessing.Queue: once the parent has closed its write end, a
+            # loader that dies (even mid-message) reads as end-of-file instead of a reader waiting forever
+            ctx = multiprocessing.get_context("spawn")     # fork is unsafe once CUDA or threads started
+            self._queue, writer = ctx.Pipe(duplex=False)
+            self._thread = ctx.Process(target=_loader_process, name="wavenet_ae-loader", daemon=True,
+                                       args=(self, start, writer))
+            self._thread.start()
+            writer.close()
+            return
+        self._stop, self._queue = threading.Event(), queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=_produce, args=(self, start, self._queue, self._stop), daemon=True)
         self._thread.start()
 
+    def _get(self):
+        if self.loader != "process":
+            return self._queue.get()
+        try:
+            return self._queue.recv()
+        except (EOFError, OSError):      # OSError: "got end of file during message"
+            self._thread.join(timeout=5)
+            raise RuntimeError(f"the data loader process died (exit code {self._thread.exitcode})") from None
+
     def close(self) -> None:
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if isinstance(self._thread, threading.Thread) and self._thread is not threading.current_thread():
             self._stop.set()
             self._thread.join()
+        elif self._thread is not None and not isinstance(self._thread, threading.Thread):
+            self._queue.close()                   # the loader's next send fails: it ends
+            self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                self._thread.kill()
+                self._thread.join()
         self._thread = None
+
+    def __getstate__(self) -> dict:
+        """What a loader process needs: the stream's definition and position, not its machinery."""
+        state = dict(self.__dict__)
+        for key in ("_thread", "_stop", "_queue", "_gen"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread, self._stop, self._queue = None, threading.Event(), queue.Queue()
+
+
+def _produce(buf: SliceBuffer, start: dict, q: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread: put `buf`'s batches from `start` on `q` until `stop` is set; an error is put
+    on `q` for the consumer, unless it has gone."""
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for batch in buf._generate(start):
+            if not put(batch):
+                return
+    except BaseException as e:  # handed to the consumer, unless it has gone (close())
+        put(e)
+
+
+def _loader_process(buf: SliceBuffer, start: dict, pipe) -> None:
+    """Body of the loader process: one thread, batches sent one at a time (the pipe's send blocks until
+    the training process takes the batch: one batch is ready ahead). Signals are the training
+    process's to handle; a closed or broken pipe (the parent closed it, or died) ends the process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    try:
+        try:
+            for batch in buf._generate(start):
+                pipe.send(batch)
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            return
+        except BaseException as e:  # handed to the consumer
+            try:
+                pickle.dumps(e)
+            except Exception:       # not every exception survives the trip to another process
+                e = RuntimeError(f"data loader: {type(e).__name__}: {e}")
+            pipe.send(e)
+    except (BrokenPipeError, ConnectionResetError, OSError):
+        return
 
 
 def speakers_in_turn(corpus: Corpus) -> list[int]:
