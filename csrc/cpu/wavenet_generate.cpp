@@ -22,6 +22,7 @@
 // portable reference of the same arithmetic); products, sums, activations and queues stay float32.
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -434,15 +435,18 @@ WN_GEN void run_avx2(const Params<WT>& P, const PackedModel<WT>& M, const Chunk&
 // ---------------------------------------------------------------------------------------------------
 
 // A spin barrier for a team that passes one at a time: thread r publishes the phase it reached and
-// waits until every other thread has reached it.
+// waits until every other thread has reached it. cancel() releases every waiter for good
+// (arrive_and_wait then returns false): the team's start-up uses it when a thread cannot be created,
+// so the members already running return instead of waiting for a rank that will never arrive.
 class TeamBarrier {
  public:
   explicit TeamBarrier(int n) : flags_(n) {}
-  void arrive_and_wait(int rank, int64_t phase) {
+  bool arrive_and_wait(int rank, int64_t phase) {
     flags_[rank].v.store(phase, std::memory_order_release);
     for (int r = 0; r < (int)flags_.size(); ++r) {
       if (r == rank) continue;
       for (int spins = 0; flags_[r].v.load(std::memory_order_acquire) < phase; ++spins) {
+        if (cancelled_.v.load(std::memory_order_relaxed)) return false;
         if (spins < 4000) {
           _mm_pause();
         } else {
@@ -450,13 +454,19 @@ class TeamBarrier {
         }
       }
     }
+    return !cancelled_.v.load(std::memory_order_relaxed);
   }
+  void cancel() { cancelled_.v.store(true, std::memory_order_relaxed); }
 
  private:
   struct alignas(64) Flag {
     std::atomic<int64_t> v{0};
   };
+  struct alignas(64) Cancel {
+    std::atomic<bool> v{false};
+  };
   std::vector<Flag> flags_;
+  Cancel cancelled_;
 };
 
 template <class WT>
@@ -510,12 +520,24 @@ void pack_slice(const Params<WT>& P, int t, int T, TeamSlice<WT>& S) {
   S.scratch.resize(nr + 3 * n + D.n_skp + np + 2 * D.n_quant);
 }
 
-// Shared by the team: partial sums, published before a barrier and read after it.
+// Shared by the team: partial sums, published before a barrier and read after it. Each thread's row
+// starts on its own 64-byte cache line (rows padded to 16 floats, the block aligned), so a thread
+// writing its partials never invalidates the line another thread is writing.
+struct TeamRows {
+  int64_t stride = 0;  // floats from one row to the next (a multiple of 16)
+  std::vector<float> buf;
+  TeamRows(int64_t rows, int64_t n) : stride((n + 15) / 16 * 16), buf((size_t)(rows * stride + 16)) {}
+  float* row(int64_t r) {
+    const auto base = reinterpret_cast<std::uintptr_t>(buf.data());
+    return reinterpret_cast<float*>((base + 63) & ~std::uintptr_t(63)) + r * stride;
+  }
+};
+
 struct TeamShared {
   int T;
-  std::vector<float> res;     // (2, T, n_res)  residual partials, by barrier-phase parity
-  std::vector<float> skip;    // (T, n_skp)     skip partials (read after the last layer's barrier)
-  std::vector<float> logits;  // (T, n_quant)   logit partials
+  TeamRows res;     // (2 T, n_res)  residual partials of thread t in row (phase parity) T + t
+  TeamRows skip;    // (T, n_skp)    skip partials (read after the last layer's barrier)
+  TeamRows logits;  // (T, n_quant)  logit partials
 };
 
 template <class WT>
@@ -531,8 +553,8 @@ WN_GEN void run_team_member(const Params<WT>& P, const TeamSlice<WT>& S, TeamSha
   float* post = z + D.n_skp;    // (np)
   float* lg = post + np;        // (nq)
   float* exps = lg + nq;        // (nq)
-  float* skip = sh.skip.data() + (size_t)t * D.n_skp;
-  float* lpart = sh.logits.data() + (size_t)t * nq;
+  float* skip = sh.skip.row(t);
+  float* lpart = sh.logits.row(t);
   const float* xs[gen::kMaxKern];
   int64_t phase = 0;
   int cur = (int)c.x_prev[0];
@@ -564,7 +586,7 @@ WN_GEN void run_team_member(const Params<WT>& P, const TeamSlice<WT>& S, TeamSha
       gate_avx2(h, n, gate);
       const float* gp = gate;
       const float* bl = P.b_out + (int64_t)l * no;
-      float* res = sh.res.data() + ((size_t)(phase & 1) * T + t) * nr;
+      float* res = sh.res.row((phase & 1) * T + t);
       if (!last) {
         if (t == 0) {
           std::memcpy(res, bl, sizeof(float) * nr);
@@ -578,19 +600,20 @@ WN_GEN void run_team_member(const Params<WT>& P, const TeamSlice<WT>& S, TeamSha
           for (int o = 0; o < D.n_skp; ++o) skip[o] += bl[nr + o];
         matmul(S.skp[l], D.n_skp, 1, n, 1, &gp, &skip);
       }
-      bar.arrive_and_wait(t, ++phase);
+      if (!bar.arrive_and_wait(t, ++phase)) return;  // cancelled: the team did not start
       if (t == 0) std::memcpy(q_now, x, sizeof(float) * nr);  // every thread has read the taps
       if (!last) {
-        const float* r0 = sh.res.data() + (size_t)((phase - 1) & 1) * T * nr;
-        for (int r = 0; r < T; ++r)
-          for (int o = 0; o < nr; ++o) x[o] += r0[(size_t)r * nr + o];
+        for (int r = 0; r < T; ++r) {
+          const float* rp = sh.res.row(((phase - 1) & 1) * T + r);
+          for (int o = 0; o < nr; ++o) x[o] += rp[o];
+        }
       }
     }
     int y = (int)f;
     if (need_out) {
       for (int o = 0; o < D.n_skp; ++o) {
         float s = 0.f;
-        for (int r = 0; r < T; ++r) s += sh.skip[(size_t)r * D.n_skp + o];
+        for (int r = 0; r < T; ++r) s += sh.skip.row(r)[o];
         z[o] = gen::relu(s);
       }
       std::memcpy(post, P.b_post1 + S.p0, sizeof(float) * np);
@@ -605,10 +628,12 @@ WN_GEN void run_team_member(const Params<WT>& P, const TeamSlice<WT>& S, TeamSha
       }
       const float* pc = post;
       matmul(S.post2, nq, 1, np, 1, &pc, &lpart);
-      bar.arrive_and_wait(t, ++phase);
+      if (!bar.arrive_and_wait(t, ++phase)) return;
       std::fill(lg, lg + nq, 0.f);
-      for (int r = 0; r < T; ++r)
-        for (int o = 0; o < nq; ++o) lg[o] += sh.logits[(size_t)r * nq + o];
+      for (int r = 0; r < T; ++r) {
+        const float* lp = sh.logits.row(r);
+        for (int o = 0; o < nq; ++o) lg[o] += lp[o];
+      }
       if (t == 0 && c.logits) std::memcpy(c.logits + i * nq, lg, sizeof(float) * nq);
       if (f < 0) y = sample_avx2(lg, nq, c.u[i], exps);
     }
@@ -623,11 +648,16 @@ void run_team(const Params<WT>& P, const Chunk& c, int T) {
   const Dims& D = P.dims;
   std::vector<TeamSlice<WT>> slices(T);
   for (int t = 0; t < T; ++t) pack_slice(P, t, T, slices[t]);
-  TeamShared sh{T, std::vector<float>((size_t)2 * T * D.n_res), std::vector<float>((size_t)T * D.n_skp),
-                std::vector<float>((size_t)T * D.n_quant)};
+  TeamShared sh{T, TeamRows(2 * T, D.n_res), TeamRows(T, D.n_skp), TeamRows(T, D.n_quant)};
   TeamBarrier bar(T);
   std::vector<std::thread> workers;
-  for (int t = 1; t < T; ++t) workers.emplace_back([&, t] { run_team_member(P, slices[t], sh, bar, c, t); });
+  try {
+    for (int t = 1; t < T; ++t) workers.emplace_back([&, t] { run_team_member(P, slices[t], sh, bar, c, t); });
+  } catch (...) {  // e.g. std::system_error: no more threads. Release the started members, then report.
+    bar.cancel();
+    for (auto& w : workers) w.join();
+    throw;
+  }
   run_team_member(P, slices[0], sh, bar, c, 0);
   for (auto& w : workers) w.join();
 }
