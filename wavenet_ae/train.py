@@ -33,7 +33,7 @@ import torch.distributed as dist
 from . import checkpoint, malloc
 from .checkpoint import rng_state, set_rng_state
 from .config import Config, preset
-from .data.corpus import Corpus, CorpusError, load_or_skip
+from .data.corpus import INDEX_CACHE_NAME, Corpus, CorpusError, load_or_skip
 from .data.slice_buffer import SliceBuffer, fixed_batches
 from .data.splits import load_corpora
 from .diagnostics import held_out_diagnostics
@@ -176,7 +176,15 @@ def train(args) -> int:
     np.random.seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
 
-    splits = load_corpora(args.data, cfg)
+    # rank 0 indexes the corpus (reading only the headers of files new or changed since the cached index),
+    # the others take its index: every rank gets the same one
+    cache = run_dir / INDEX_CACHE_NAME
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        splits = load_corpora(args.data, cfg, cache=cache, speaker_level=args.speaker_level)
+    barrier(world)
+    if not is_main:
+        splits = load_corpora(args.data, cfg, cache=cache, trust_cache=True, speaker_level=args.speaker_level)
     train_set, valid_set = splits["train"], splits["valid"]
     speakers_path = run_dir / "speakers.json"
     if speakers_path.exists():
@@ -326,6 +334,9 @@ def parse_args(argv=None):
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--data", help="corpus directory (speaker = first-level folder) or path<TAB>speaker "
                                    "manifest; default: the bundled demo corpus")
+    ap.add_argument("--speaker-level", type=int, default=1, metavar="N",
+                    help="with a corpus directory: the speaker is the folder N levels below it (1: the "
+                         "first-level folder; 2 for the LibriSpeech root, subset/speaker/chapter)")
     ap.add_argument("--preset", default=None, choices=["tiny", "paper"],
                     help="hyper-parameters of a new run (default: paper, the paper's model: hours per "
                          "thousand steps on a CPU; tiny trains visibly in minutes there)")
