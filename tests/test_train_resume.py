@@ -185,6 +185,7 @@ def test_two_process_gloo_training_checkpoints_every_rank_and_resumes(tmp_path):
     ck = checkpoint.load_latest(tmp_path)
     pos = [json.loads(p) for p in ck["data_position"]]
     assert [p["rank"] for p in pos] == [0, 1] and all(p["world_size"] == 2 for p in pos)
+    assert (tmp_path / "index.tsv").is_file()          # rank 0's index, which rank 1 took
     r = subprocess.run(cmd(6), env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-3000:]
     assert checkpoint.load_latest(tmp_path)["step"] == 6
