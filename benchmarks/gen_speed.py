@@ -6,7 +6,9 @@
 
 Measures `Generator.run` on free-running sampling (no teacher forcing): per-chunk conditioning
 (one batched matmul) + the engine's autoregressive loop; packing the weights (once per model) is not
-timed; each row is the best of --repeat timed runs (the machine may be shared). samples/s counts all B streams; "x real time" = samples/s / sample rate (16 kHz). Each row's
+timed; "cond share" is the conditioning matmuls timed alone over the same chunks, over the run's
+time (the rest is the engine). Each row is the best of --repeat timed runs (the machine may be
+shared). samples/s counts all B streams; "x real time" = samples/s / sample rate (16 kHz). Each row's
 ratios are to the `python` engine (the reference, float32) and to the float32 `cpp` engine, both
 measured in this run with the same preset, batch and threads. Every weight dtype (--weights; the
 python engine runs float32 only) and every thread count (--threads, default 1 and all cores) is a
@@ -48,8 +50,19 @@ def measure(gen: Generator, dec: WaveNet, B: int, seconds: float, max_steps: int
     args = make(steps)
     dt = timeit(lambda: gen.run(*args[:3], u=args[3]), repeat=repeat, warmup=0, device=dev)
     sps = B * steps / dt
+    # the conditioning alone (Generator.conditioning over the same chunks, into one reused buffer): the
+    # share of a run that is not the engine
+    lc, gcb, chunk = args[0], args[1] @ gen.packed.gc_proj + gen.packed.cond_bias, gen.default_chunk(B)
+    buf = torch.empty(B * min(chunk, steps) * gen.packed.cond_width, device=dev)
+
+    def cond_only():
+        for s0 in range(0, steps, chunk):
+            n = min(steps, s0 + chunk) - s0
+            gen.conditioning(lc[:, :, s0:s0 + n], gcb, buf[:B * n * gen.packed.cond_width].view(B, n, -1))
+
+    dc = timeit(cond_only, repeat=repeat, warmup=1, device=dev)
     return {"steps": steps, "seconds": dt, "samples_per_s": sps, "x_realtime": sps / sample_rate,
-            "ms_per_step": 1e3 * dt / steps}
+            "ms_per_step": 1e3 * dt / steps, "cond_share": dc / dt}
 
 
 def main(argv=None) -> int:
@@ -161,7 +174,8 @@ def main(argv=None) -> int:
         print(format_table(sel, [("engine", "engine"), ("path", "path"), ("weights", "weights"),
                                  ("batch", "batch"), ("threads", "threads"), ("steps", "steps"),
                                  ("samples_per_s", "samples/s"), ("x_realtime", "x real time (16 kHz)"),
-                                 ("ms_per_step", "ms/step"), ("vs_python", "vs python"),
+                                 ("ms_per_step", "ms/step"), ("cond_share", "cond share"),
+                                 ("vs_python", "vs python"),
                                  ("vs_cpp_fp32", "vs cpp fp32")]))
     for r in rows:
         if "error" in r:

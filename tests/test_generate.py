@@ -193,6 +193,36 @@ def test_cpp_paths_chunks_and_batch_composition_give_identical_samples():
             assert torch.equal(gen.generate(lc[b:b + 1], g[b:b + 1], u=u[b:b + 1]), whole[b:b + 1])
 
 
+def test_conditioning_equals_each_layers_projections():
+    """`cond` of every chunk (one matmul into the head of one reused buffer, Generator.run) equals each
+    layer's lc_proj(lc) + gc_proj(g) + dil_conv bias computed in float64: max |diff| <= 1e-5 (cond is
+    O(10) here; float32 sums of 24 + 8 products), whole or in chunks (S = 50 in chunks of 16: a short
+    last chunk)."""
+    dec = _decoder("paper_narrow")
+    B, S = 3, 50
+    g0 = torch.Generator().manual_seed(11)
+    lc = torch.randn(B, 24, S, generator=g0)
+    g = torch.randn(B, 8, generator=g0)
+    ref = torch.cat([(layer.lc_proj.weight.double()[:, :, 0] @ lc.double()).transpose(1, 2)
+                     + (g.double() @ layer.gc_proj.weight.double().t())[:, None]
+                     + layer.dil_conv.bias.double() for layer in dec.layers], 2)      # (B, S, L * 2 n_dil)
+    gen = Generator(dec, "python")
+    gcb = g @ gen.packed.gc_proj + gen.packed.cond_bias
+    assert _report("cond vs float64 per-layer projections", gen.conditioning(lc, gcb).double(), ref) <= 1e-5
+    seen = []                                                   # (buffer address, copy) of each chunk's cond
+
+    def record(lc_c, gcb_c, out=None):
+        c = Generator.conditioning(gen, lc_c, gcb_c, out)
+        seen.append((c.data_ptr(), c.clone()))
+        return c
+
+    gen.conditioning = record
+    gen.run(lc, g, torch.zeros(B, dtype=torch.int64), chunk=16)
+    assert [c.shape[1] for _, c in seen] == [16, 16, 16, 2]
+    assert len({p for p, _ in seen}) == 1                       # one buffer; the last chunk takes its head
+    assert _report("chunked cond vs float64", torch.cat([c for _, c in seen], 1).double(), ref) <= 1e-5
+
+
 @needs_cpp
 def test_cpp_engine_threads_split_the_batch_without_changing_samples():
     dec = _decoder("tiny")

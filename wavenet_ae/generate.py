@@ -260,15 +260,16 @@ class Generator:
         queues = self.new_queues(B)
         chunk = chunk or self.default_chunk(B)
         samples, logits = [], []
-        buf = None                                      # conditioning buffer, reused across chunks
+        # one conditioning buffer for every chunk; the last, shorter chunk takes its head instead of a
+        # second B x chunk x L*2n_dil float32 block (up to COND_BUDGET_BYTES, faulted in page by page)
+        buf = torch.empty(B * min(chunk, S) * self.packed.cond_width, device=dev)
         from tqdm.auto import tqdm
         with tqdm(total=S, disable=not progress if progress is not None else None, unit="sample",
                   unit_scale=True, desc=f"generate [{self.engine}]", leave=False, file=sys.stderr) as bar:
             for s0 in range(0, S, chunk):
                 s1 = min(S, s0 + chunk)
-                if buf is None or buf.shape[1] != s1 - s0:
-                    buf = torch.empty(B, s1 - s0, self.packed.cond_width, device=dev)
-                cond = self.conditioning(lc[:, :, s0:s1], gcb, buf)
+                out = buf[:B * (s1 - s0) * self.packed.cond_width].view(B, s1 - s0, self.packed.cond_width)
+                cond = self.conditioning(lc[:, :, s0:s1], gcb, out)
                 f = None if forced is None else forced[:, s0:s1].contiguous()
                 smp, lg = self._engine_call(cond, u[:, s0:s1].contiguous(), f, queues, x_prev, s0, want_logits)
                 samples.append(smp)
