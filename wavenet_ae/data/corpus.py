@@ -456,12 +456,11 @@ def index_corpus(source: str | Path, sample_rate: int, min_samples: int, *, spea
                           f"{source} --out manifest.tsv --speaker-level 2", CorpusWarning, stacklevel=2)
     rejected: list[tuple[str, str]] = []
     utts = []
-    for row in rows:
-        n, reason = _judge(row[0], _header_of(row), sample_rate, min_samples)
+    for path, speaker, *_, n, reason in rows:      # judged when the row was made (a cache: same arguments)
         if reason:
-            _reject(rejected, row[0], reason)
+            _reject(rejected, path, reason)
         else:
-            utts.append(Utterance(row[0], row[1], n))
+            utts.append(Utterance(path, speaker, n))
     if not utts:
         raise CorpusError(f"no usable audio in {source}" +
                           (f" ({len(rejected)} files skipped, see warnings)" if rejected else ""))
