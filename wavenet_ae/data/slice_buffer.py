@@ -125,8 +125,9 @@ class SliceBuffer:
         """JSON-able position after the last batch handed out."""
         out = {"version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world,
                "corpus": self.digest, **self._position}
-        if self._explicit is not None and self._explicit[0] == self._position["epoch"]:
-            out["files"] = self._explicit[1]
+        files = self._explicit_files(self._position["epoch"])
+        if files is not None:
+            out["files"] = files
         return out
 
     def _check(self, state: dict, keys=("seed", "corpus", "world_size", "rank")) -> None:
@@ -185,10 +186,13 @@ class SliceBuffer:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.usable))
         return [self.usable[i] for i in order[rank:: world]]
 
+    def _explicit_files(self, epoch: int) -> list[int] | None:
+        """This rank's files of `epoch` when a re-shard dealt them, else None (the epoch is sharded)."""
+        return self._explicit[1] if self._explicit is not None and self._explicit[0] == epoch else None
+
     def _epoch_files(self, epoch: int) -> list[int]:
-        if self._explicit is not None and self._explicit[0] == epoch:
-            return self._explicit[1]
-        return self._shard(epoch, self.rank, self.world)
+        files = self._explicit_files(epoch)
+        return self._shard(epoch, self.rank, self.world) if files is None else files
 
     def _load_chunk(self, files: list[int], cursor: int, tail: np.ndarray):
         """Load files from `cursor` until the budget is met; the epoch's tail joins the last chunk
@@ -234,7 +238,7 @@ class SliceBuffer:
         while True:
             if files_epoch != epoch:
                 files, files_epoch = self._epoch_files(epoch), epoch
-                explicit = self._explicit is not None and self._explicit[0] == epoch
+                explicit = self._explicit_files(epoch) is not None
                 tail = self._tail_starts(files, epoch_bad)
             chunks, next_cursor, counts = self._load_chunk(files, cursor, tail)
             total = int(counts.sum()) if len(counts) else 0
@@ -322,11 +326,12 @@ class SliceBuffer:
             raise RuntimeError(f"the data loader process died (exit code {self._thread.exitcode})") from None
 
     def close(self) -> None:
-        if isinstance(self._thread, threading.Thread) and self._thread is not threading.current_thread():
-            self._stop.set()
-            self._thread.join()
-        elif self._thread is not None and not isinstance(self._thread, threading.Thread):
-            self._queue.close()                   # the loader's next send fails: it ends
+        if isinstance(self._thread, threading.Thread):
+            if self._thread is not threading.current_thread():     # (prefetch 0: the caller's own)
+                self._stop.set()
+                self._thread.join()
+        elif self._thread is not None:            # the loader process
+            self._queue.close()                   # its next send fails: it ends
             self._thread.join(timeout=10)
             if self._thread.is_alive():
                 self._thread.kill()
@@ -373,19 +378,19 @@ def _loader_process(buf: SliceBuffer, start: dict, pipe) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     try:
-        try:
-            for batch in buf._generate(start):
-                pipe.send(batch)
-        except (BrokenPipeError, ConnectionResetError, EOFError):
-            return
-        except BaseException as e:  # handed to the consumer
-            try:
-                pickle.dumps(e)
-            except Exception:       # not every exception survives the trip to another process
-                e = RuntimeError(f"data loader: {type(e).__name__}: {e}")
-            pipe.send(e)
-    except (BrokenPipeError, ConnectionResetError, OSError):
+        for batch in buf._generate(start):
+            pipe.send(batch)
+    except (BrokenPipeError, ConnectionResetError):     # the parent closed the pipe, or died
         return
+    except BaseException as e:      # handed to the consumer
+        try:
+            pickle.dumps(e)
+        except Exception:           # not every exception survives the trip to another process
+            e = RuntimeError(f"data loader: {type(e).__name__}: {e}")
+        try:
+            pipe.send(e)
+        except OSError:
+            return
 
 
 def speakers_in_turn(corpus: Corpus) -> list[int]:
