@@ -10,7 +10,6 @@ quantised vectors; for a VQ-VAE the code indices (M,) int64 are written too (def
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -52,20 +51,21 @@ def encode_signal(model, wav: np.ndarray):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m wavenet_ae.encode",
-                                 description="Encode a wav file into latents (.npy) with a trained run.")
-    ap.add_argument("--run-dir", required=True)
+    from . import cli
+    ap = cli.parser("encode", "Encode a wav file into latents (.npy) with a trained run.")
+    cli.add_run_dir(ap)
     ap.add_argument("--input", required=True, help="input audio file (resampled to the model rate)")
     ap.add_argument("--out", required=True, help="latents .npy, shape (M, n_latent)")
     ap.add_argument("--codes-out", help="VQ-VAE code indices .npy (default: <out stem>.codes.npy)")
-    ap.add_argument("--device", default="cpu")
+    cli.add_device(ap)
     a = ap.parse_args(argv)
+    a.device = cli.resolve_device(ap, a.device)
 
     from .data.corpus import CorpusError, load_audio
     from .run_dir import RunDirError, load_run
 
     def fail(msg: str) -> int:
-        ap.exit(2, f"{ap.prog}: error: {msg}\n")
+        cli.fail(ap, msg)
 
     try:
         run = load_run(a.run_dir, a.device)

@@ -24,7 +24,6 @@ the same u they emit the same samples up to float rounding near CDF boundaries (
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -329,20 +328,15 @@ def resynthesize(model, wav: np.ndarray, speaker_id: int, engine: str = "auto", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m wavenet_ae.generate",
-                                 description="Resynthesise (or voice-convert) a wav file with a trained run.")
-    ap.add_argument("--run-dir", required=True, help="training run directory (config.json, checkpoints/)")
+    from . import cli
+    ap = cli.parser("generate", "Resynthesise (or voice-convert) a wav file with a trained run.")
+    cli.add_run_dir(ap)
     ap.add_argument("--input", required=True, help="input audio file (wav/flac/ogg; resampled to the model rate)")
     ap.add_argument("--out", required=True, help="output wav file")
     ap.add_argument("--speaker", help="target speaker name (default: the input's parent folder if it names a "
                                       "known speaker, else the first speaker)")
-    ap.add_argument("--engine", default="auto", choices=("auto",) + ENGINES,
-                    help="auto picks cuda > cpp > python")
+    cli.add_generation(ap)
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampling uniforms")
-    ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--weights", default="auto", choices=("auto",) + tuple(WEIGHT_DTYPES),
-                    help="precision of the engine's weight matrices (float32 accumulation); auto: fp16 for "
-                         "the cpp engine on AVX2/F16C CPUs, else fp32")
     ap.add_argument("--cpu-path", default="auto", choices=("auto", "generic", "avx2"), help="cpp engine code path")
     ap.add_argument("--chunk", type=int, help="steps per engine call (default: up to 4000)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -351,26 +345,22 @@ def main(argv: list[str] | None = None) -> int:
     from .data.corpus import CorpusError, load_audio
     from .run_dir import RunDirError, load_run
 
-    def fail(msg: str) -> int:
-        ap.exit(2, f"{ap.prog}: error: {msg}\n")
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    cli.apply_threads(a.threads)
     try:
         engine = resolve_engine(a.engine)
     except (EngineUnavailable, ValueError) as e:
-        return fail(str(e))
+        cli.fail(ap, str(e))
     device = "cuda" if engine == "cuda" else "cpu"
     try:
         run = load_run(a.run_dir, device)
     except RunDirError as e:
-        return fail(str(e))
+        cli.fail(ap, str(e))
     m = run.config.model
     if a.speaker is not None:
         try:
             spk = run.speaker_id(a.speaker)
         except KeyError as e:
-            return fail(e.args[0])
+            cli.fail(ap, e.args[0])
     else:
         parent = Path(a.input).parent.name
         spk = run.speakers.index(parent) if parent in run.speakers else 0
@@ -378,15 +368,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no --speaker given and the input's folder {parent!r} is not a known speaker; "
                   f"using {run.speakers[0]!r}", file=sys.stderr)
     if not Path(a.input).is_file():
-        return fail(f"input file {a.input} does not exist")
+        cli.fail(ap, f"input file {a.input} does not exist")
     try:
         wav = load_audio(a.input, m.sample_rate)
     except CorpusError as e:
-        return fail(f"cannot read input: {e}")
+        cli.fail(ap, f"cannot read input: {e}")
     try:
         gen = Generator(run.model.decoder, engine, weight_dtype=a.weights, cpu_path=a.cpu_path)
     except (EngineUnavailable, ValueError, RuntimeError) as e:
-        return fail(str(e))
+        cli.fail(ap, str(e))
 
     print(f"run {run.dir} (step {run.step}), speaker {run.speakers[spk]!r}, engine {gen.describe()}, "
           f"{len(wav)} samples ({len(wav) / m.sample_rate:.2f} s)", file=sys.stderr)

@@ -15,7 +15,6 @@ Run `python -m wavenet_ae.rfield [--preset P] [--config run/config.json] [--set 
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -226,17 +225,21 @@ def table(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m wavenet_ae.rfield", description=__doc__.split("\n")[0])
+    from . import cli
+    ap = cli.parser("rfield", __doc__.split("\n")[0])
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--config", help="a run's config.json (overrides --preset)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     a = ap.parse_args(argv)
-    if a.config:
-        with open(a.config) as fh:
-            cfg = Config.from_json(fh.read())
-    else:
-        cfg = preset(a.preset)
-    cfg = cfg.with_overrides(a.set)
+    try:
+        if a.config:
+            with open(a.config) as fh:
+                cfg = Config.from_json(fh.read())
+        else:
+            cfg = preset(a.preset)
+        cfg = cfg.with_overrides(a.set)
+    except (OSError, ValueError, TypeError) as e:
+        cli.fail(ap, str(e))
     print(table(cfg))
 
 

@@ -16,7 +16,6 @@ steps then average over the new global batch (the data position is re-sharded, s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, malloc
+from . import checkpoint, cli, malloc
 from .checkpoint import rng_state, set_rng_state
 from .config import Config, preset
 from .data.corpus import INDEX_CACHE_NAME, Corpus, CorpusError, load_or_skip
@@ -325,13 +324,9 @@ def _vote(loss: torch.Tensor, grad_norm: torch.Tensor, stop: bool, world: int, d
     return tuple(bool(f) for f in flags.tolist())
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m wavenet_ae.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", required=True)
+    ap = cli.parser("train", __doc__.split("\n")[0])
+    cli.add_run_dir(ap, help="run directory: a new one starts a run, one with a checkpoint resumes it")
     ap.add_argument("--data", help="corpus directory (speaker = first-level folder) or path<TAB>speaker "
                                    "manifest; default: the bundled demo corpus")
     ap.add_argument("--speaker-level", type=int, default=1, metavar="N",
@@ -344,9 +339,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--checkpoint-every", type=int)
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--device", default=default_device(), choices=["cpu", "cuda"],
-                    help="default: cuda when a CUDA device is available")
+    cli.add_device(ap)
     args = ap.parse_args(argv)
+    args.device = cli.resolve_device(ap, args.device)
     args.preset_given = args.preset is not None
     args.preset = args.preset or "paper"
     return args
@@ -354,8 +349,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available")
     try:
         code = train(args)
     except CorpusError as e:      # nothing to train on: one line, not a traceback

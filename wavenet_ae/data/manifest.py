@@ -11,7 +11,6 @@ one namespace (the same name in two DIRs is one speaker).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -58,8 +57,8 @@ def write_manifest(path: str | Path, rows: list[tuple[str, str]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m wavenet_ae.data.manifest",
-                                 description=__doc__.split("\n\n")[0].replace("\n", " "))
+    from .. import cli
+    ap = cli.parser("manifest", __doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("dirs", nargs="+", metavar="DIR", help="audio folder(s)")
     ap.add_argument("--out", required=True, help="the manifest to write (e.g. manifest.tsv)")
     ap.add_argument("--speaker-level", type=int, default=1, metavar="N",

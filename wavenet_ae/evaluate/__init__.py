@@ -11,7 +11,6 @@ Writes `DIR/report/`: report.json, report.md and pictures. On held-out files:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,8 +28,9 @@ __all__ = ["ABX_MAX_SIZE_GROUP", "ABX_MAX_X_ACROSS", "SILENCES", "Frames", "Toke
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m wavenet_ae.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", required=True)
+    from .. import cli
+    ap = cli.parser("evaluate", __doc__.split("\n")[0])
+    cli.add_run_dir(ap)
     ap.add_argument("--data", help="corpus (default: the bundled demo corpus)")
     ap.add_argument("--n-resynth", type=int, default=2, help="held-out files to resynthesise / convert")
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds of each file to resynthesise")
