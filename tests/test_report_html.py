@@ -161,3 +161,31 @@ def test_report_html_in_headless_chromium(report, tmp_path):
     print("screenshot size", img.shape)
     assert img.shape[1] >= 1000 and img.shape[0] >= 600
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50        # text and figures, not a blank page
+
+
+def test_long_clips_are_embedded_cut_to_pcm16(tmp_path):
+    """A float wav longer than MAX_EMBED_SECONDS goes into the page as its first seconds, 16-bit PCM."""
+    import base64
+    import io
+    from wavenet_ae.evaluate.html import MAX_EMBED_SECONDS, wav_data_uri
+    sr = 16000
+    x = (0.5 * np.sin(2 * np.pi * 220 * np.arange(int((MAX_EMBED_SECONDS + 2.5) * sr)) / sr)).astype(np.float32)
+    sf.write(tmp_path / "long.wav", x, sr, subtype="FLOAT")
+    uri, seconds = wav_data_uri(tmp_path / "long.wav")
+    assert uri.startswith("data:audio/wav;base64,") and seconds == MAX_EMBED_SECONDS
+    data = base64.b64decode(uri.split(",", 1)[1])
+    info = sf.info(io.BytesIO(data))
+    assert (info.format, info.subtype, info.samplerate) == ("WAV", "PCM_16", sr)
+    y, _ = sf.read(io.BytesIO(data), dtype="float32")
+    assert len(y) == MAX_EMBED_SECONDS * sr and np.abs(y - x[:len(y)]).max() < 1e-4
+
+
+def test_report_without_resynthesis_has_no_players(report):
+    """--n-resynth 0: the page still renders, with the tables and figures and no audio."""
+    from wavenet_ae.evaluate.html import render
+    from wavenet_ae.evaluate.report import report_tables
+    run, page = report
+    rep = json.loads((run / "report" / "report.json").read_text()) | {"resynthesis": []}
+    text = render(rep, report_tables(rep), run / "report")
+    assert "<audio" not in text and "Listen:" not in text
+    assert "<h2>Resynthesis and voice conversion</h2>" in text and text.count("<img") == 3
