@@ -1,6 +1,6 @@
 """The console script `wavenet-ae VERB ...` and the argument helpers every verb shares.
 
-    wavenet-ae train|generate|encode|evaluate|rfield|manifest [ARGS...]
+    wavenet-ae train|generate|encode|evaluate|rfield|manifest|export [ARGS...]
 
 is the same command as `python -m wavenet_ae.VERB [ARGS...]` (`manifest`: `wavenet_ae.data.manifest`).
 Each verb's `main(argv)` builds its parser with `parser(verb, ...)`, so its usage and error lines name
@@ -22,6 +22,7 @@ VERBS = {
     "evaluate": "wavenet_ae.evaluate",
     "rfield": "wavenet_ae.rfield",
     "manifest": "wavenet_ae.data.manifest",
+    "export": "wavenet_ae.export",
 }
 _prog_prefix = "python -m "      # "wavenet-ae " when started through the console script
 
