@@ -283,7 +283,7 @@ def test_zerospeech_submission_vqvae(runs, corpus, tmp_path, capsys, codes):
     assert len(rows) == len(set(np.concatenate(all_codes).tolist())) == br["distinct_symbols"]
     assert f"{br['bits_per_second']:.2f} bits/s" in yaml.safe_load((sub / "meta.yaml").read_text())[
         "model_info"]["system_description"]
-    assert "bitrate (ZeroSpeech 2019)" in err
+    assert "bitrate (ZeroSpeech 2019)" in err and "fill in meta.yaml's publication.authors" in err
 
 
 def test_zerospeech_submission_ae_and_errors(runs, corpus, tmp_path, capsys):

@@ -470,6 +470,9 @@ def _main_corpus(ap, a, cli, run) -> int:
             train_set = _train_set(run.dir)
             _write_yaml(out / "meta.yaml", zerospeech_meta(a.zerospeech_benchmark, desc, train_set))
             _write_yaml(out / "params.yaml", zerospeech_params(a.zerospeech_benchmark, m.hop / m.sample_rate))
+            print(f"wrote {out / 'meta.yaml'} and params.yaml (feature_size {m.hop / m.sample_rate:g} s); before "
+                  f"submitting, fill in meta.yaml's publication.authors, publication.institution"
+                  + ("" if train_set else " and model_info.train_set"), file=sys.stderr)
     if group:
         import torch.distributed as dist
         dist.barrier()
