@@ -12,7 +12,7 @@ import wavenet_ae
 from wavenet_ae import checkpoint, generate
 from wavenet_ae.config import Config, preset
 from wavenet_ae.data.corpus import load_audio
-from wavenet_ae.encode import encode_signal
+from wavenet_ae.encode import encode_signal, encode_signals
 from wavenet_ae.model import WaveNetAE
 from wavenet_ae.run_dir import load_run
 
@@ -76,10 +76,14 @@ def test_encode_equals_the_cli_path_for_paths_arrays_tensors_and_lists(run_dir, 
     latents, codes = m.encode(wav)                            # a NamedTuple: unpacks
     np.testing.assert_array_equal(codes, ref_codes)
     short = wav[:700]
-    many = m.encode([wav_file, short])
+    many = m.encode([wav_file, short])                       # batched as the encode CLI batches a corpus
     assert isinstance(many, list) and len(many) == 2
-    np.testing.assert_array_equal(many[0].latents, ref_lat)
-    np.testing.assert_array_equal(many[1].latents, encode_signal(run.model, short)[0])
+    cli = encode_signals(run.model, [wav, short], batch_size=16)
+    for got, (lat, codes) in zip(many, cli):
+        np.testing.assert_array_equal(got.latents, lat)
+        np.testing.assert_array_equal(got.codes, codes)
+    np.testing.assert_allclose(many[1].latents, encode_signal(run.model, short)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(many[1].codes, encode_signal(run.model, short)[1])
 
 
 def test_encode_resamples_an_array_at_another_rate(run_dir, wav_file, tmp_path):

@@ -113,10 +113,14 @@ class Model:
         return self.run.speaker_id(speaker)
 
     # --- encoding -----------------------------------------------------------------------------------
-    def encode(self, x: Audio | Sequence[Audio], sample_rate: int | None = None) -> Encoding | list[Encoding]:
-        """Latents (and VQ codes) of a signal, as `wavenet-ae encode` writes them; a list -> a list."""
+    def encode(self, x: Audio | Sequence[Audio], sample_rate: int | None = None,
+               batch_size: int = 16) -> Encoding | list[Encoding]:
+        """Latents (and VQ codes) of a signal, as `wavenet-ae encode` writes them; a list -> a list,
+        encoded `batch_size` signals a forward (`encode.encode_signals`: as each alone, up to float
+        rounding of the batched convolutions)."""
         if isinstance(x, (list, tuple)):
-            return [self.encode(one, sample_rate) for one in x]
+            wavs = [self.audio(one, sample_rate) for one in x]
+            return [Encoding(*r) for r in _encode.encode_signals(self.model, wavs, batch_size)]
         return Encoding(*_encode.encode_signal(self.model, self.audio(x, sample_rate)))
 
     # --- generation ---------------------------------------------------------------------------------
