@@ -196,3 +196,26 @@ def test_import_stays_light_and_exports_load():
     assert r.stdout.strip() == wavenet_ae.__version__
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         wavenet_ae.nope
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_is_the_default_device_and_matches_the_cpu(run_dir, wav_file, monkeypatch):
+    from wavenet_ae.upstream import Upstream
+    g = wavenet_ae.load(run_dir)                                   # device None: cuda when available
+    c = wavenet_ae.load(run_dir, device="cpu")
+    assert g.device.type == "cuda" and next(g.model.parameters()).is_cuda
+    eg, ec = g.encode(wav_file), c.encode(wav_file)
+    print("latents |cuda - cpu| max", np.abs(eg.latents - ec.latents).max(), "codes agree",
+          (eg.codes == ec.codes).mean())
+    assert (eg.codes == ec.codes).mean() >= 0.75
+    agree = eg.codes == ec.codes
+    np.testing.assert_array_equal(eg.latents[agree], ec.latents[agree])      # the same codebook rows
+    calls = _count_packs(monkeypatch)
+    a = g.resynthesize(wav_file, seed=2)                           # engine auto: cuda
+    b = g.resynthesize(wav_file, seed=2)
+    assert len(calls) == 1 and a.dtype == np.float32 and a.shape == b.shape and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    w = [torch.from_numpy(load_audio(str(wav_file), 16000))]
+    ug = Upstream(g).eval()(w)["hidden_states"][0].cpu()
+    uc = Upstream(c).eval()(w)["hidden_states"][0]
+    torch.testing.assert_close(ug, uc, rtol=1e-2, atol=1e-2)        # cuDNN may convolve in TF32
