@@ -5,7 +5,7 @@ import pytest
 from wavenet_ae.config import Config, ModelConfig, preset
 
 
-@pytest.mark.parametrize("name", ["tiny", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
 def test_json_round_trip(name):
     cfg = preset(name)
     again = Config.from_json(cfg.to_json())
@@ -40,6 +40,9 @@ def test_overrides_parse_types_and_reject_bad_keys():
     (dict(lc_upsample_strides=[5, 4, 4], lc_upsample_kern_sizes=[5, 4, 4]), "must equal"),
     (dict(lc_upsample_kern_sizes=[10, 8, 8, 3]), "gaps"),
     (dict(delta_width=4), "odd"),
+    (dict(cmvn_frames=10), "cmvn_frames=10 must be 0 \\(off\\) or odd"),
+    (dict(dec_input_noise=1.0), "dec_input_noise"),
+    (dict(adv_weight=-0.1), "adv_weight"),
 ])
 def test_invalid_model_configs_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -53,3 +56,17 @@ def test_n_win_must_be_a_multiple_of_the_hop():
         cfg.validate()
     with pytest.raises(ValueError):
         Config.from_dict({"model": {"n_res": 1, "bogus": 2}})
+
+
+def test_small_preset_has_the_papers_structure_at_a_cpu_budget():
+    from wavenet_ae.model import WaveNetAE
+    from wavenet_ae.rfield import encoder_layers
+    from wavenet_ae.train import parse_args
+    small, paper = preset("small"), preset("paper")
+    m = small.model
+    assert m.n_latent == 64 and m.n_enc_fc == 4 and m.dilations == paper.model.dilations
+    assert [layer.name for layer in encoder_layers(m)] == [layer.name for layer in encoder_layers(paper.model)]
+    assert WaveNetAE(m).receptive_field == 2047
+    assert m.n_enc < paper.model.n_enc and m.n_res < paper.model.n_res        # narrower
+    assert small.train.max_steps == small.train.lr_decay_steps and small.train.probe_files > 0
+    assert parse_args(["--run-dir", "x", "--preset", "small", "--device", "cpu"]).preset == "small"

@@ -28,6 +28,15 @@ class ModelConfig:
     # the features are computed on, which makes a window's features depend on its batch-mates; only
     # runs made before this key existed use it (`Config.from_dict` fills None in for them).
     mfcc_floor_db: float | None = -100.0
+    # Sliding-window CMVN of the encoder input (0 = off): each feature frame, after the corpus-wide
+    # standardisation, has the mean subtracted and is divided by the standard deviation of the
+    # `cmvn_frames` frames centred on it (odd). Per-utterance statistics would break the invariant that
+    # a training window's features equal the whole file's cut to the window; a fixed-length window is
+    # a valid (unpadded) layer like any other, so the receptive-field algebra (rfield.encoder_layers)
+    # widens every encoder window by cmvn_frames - 1 frames and training, encode and generate agree.
+    # Trade-off: the statistics span cmvn_frames * 10 ms, not the utterance: a short window also
+    # removes part of the phonetic contrast, a long one widens the encoder window (training cost).
+    cmvn_frames: int = 0
     # encoder (paper Figure 1): conv3, conv3 (residual), strided conv, conv3, conv3 (residual), FC stack
     n_enc: int = 768
     enc_kern: int = 3
@@ -56,6 +65,19 @@ class ModelConfig:
     lc_upsample_kern_sizes: list[int] = field(default_factory=lambda: [10, 8, 8, 8])
     n_speakers: int = 16
     n_global_embed: int = 32
+    # Also feed the speaker embedding into the local-conditioning stack (concatenated to every latent
+    # frame before the conv at 50 Hz), besides the per-layer global conditioning: a second, non-linear
+    # path for the speaker that generation gets for free (the conditioning is computed up front).
+    speaker_in_lc: bool = False
+    # Remedies against a decoder that predicts from its own past (issue #20), training only:
+    # with this probability each autoregressive input sample's class is replaced by a uniformly random
+    # class (the targets stay clean), so that the decoder must lean on the conditioning.
+    dec_input_noise: float = 0.0
+    # Speaker-adversarial loss on the latents (0 = off): a small classifier (one hidden layer of
+    # adv_hidden units, per latent frame) learns to name the speaker, and its gradient reaches the
+    # encoder reversed and scaled by adv_weight (gradient reversal, Ganin & Lempitsky 2015).
+    adv_weight: float = 0.0
+    adv_hidden: int = 64
     # WaveNet decoder
     n_kern: int = 2             # taps of each dilated causal conv
     n_blocks: int = 2
@@ -110,6 +132,11 @@ class ModelConfig:
              "vq_dead_restart=false for a gradient-learned codebook")
         need(self.vae_free_bits >= 0, "vae_free_bits must be >= 0")
         need(self.n_quant >= 2, "n_quant must be >= 2")
+        need(self.cmvn_frames == 0 or (self.cmvn_frames >= 3 and self.cmvn_frames % 2 == 1),
+             f"cmvn_frames={self.cmvn_frames} must be 0 (off) or odd and >= 3")
+        need(0.0 <= self.dec_input_noise < 1.0, "dec_input_noise must lie in [0, 1)")
+        need(self.adv_weight >= 0, "adv_weight must be >= 0")
+        need(self.adv_hidden >= 1, "adv_hidden must be >= 1")
 
 
 @dataclass
@@ -143,6 +170,9 @@ class TrainConfig:
     validate_every: int = 1000
     log_every: int = 10
     seed: int = 1234
+    # Linear phone and speaker probes on held-out latents at each validation (0 = off): fitted on this
+    # many training files, scored on the validation files (diagnostics.ProbeTracker).
+    probe_files: int = 0
 
 
 @dataclass
@@ -265,7 +295,31 @@ def tiny() -> Config:
     return cfg
 
 
-PRESETS = {"paper": paper, "tiny": tiny}
+def small() -> Config:
+    """The paper's structure within ~30 minutes of training on one CPU core (two runs side by side fill
+    a 2-core machine): its encoder shape (conv3, conv3 residual, strided conv4, 2 x conv3 residual,
+    4 residual FC layers) at 512 channels instead of 768, 64-dim latents, and its 2 x 10 layer decoder
+    (dilations 1..512, receptive field 2047 samples) at 32 residual / 128 skip channels instead of
+    64 / 256. Codebook 256 (the paper's range is 32..512); the VQ warm-up, free bits and learning rate
+    are the `tiny` preset's (measured there, see benchmarks/results/representation-tiny.md).
+    Calibration: 0.64 s of CPU (process) time per training step with OMP_NUM_THREADS=1 on the 2-core
+    AMD EPYC the benchmarks ran on (shared with other jobs, hence process rather than wall time;
+    batch 8 x 1280 samples, loader thread included), so 2500 steps ~ 27 minutes, plus ~1 s per
+    validation (every 250 steps, with the probes of `train.probe_files`)."""
+    m = ModelConfig(
+        n_enc=512, n_enc_fc=4, n_latent=64, n_codes=256, n_lc_out=64, n_global_embed=32,
+        n_blocks=2, n_block_layers=10, n_res=32, n_dil=32, n_skp=128, n_post=128,
+        vq_warmup_steps=500, vae_free_bits=0.25,
+    )
+    cfg = Config(model=m, data=DataConfig(n_batch=8, n_win=1280, buffer_seconds=60.0, fraction=0.002),
+                 train=TrainConfig(lr=1e-3, lr_warmup_steps=100, lr_decay_steps=2500, max_steps=2500,
+                                   checkpoint_every=250, validate_every=250, probe_files=24),
+                 preset="small")
+    cfg.validate()
+    return cfg
+
+
+PRESETS = {"paper": paper, "small": small, "tiny": tiny}
 
 
 def preset(name: str) -> Config:

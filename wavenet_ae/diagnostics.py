@@ -1,9 +1,12 @@
-"""Is the latent used? Held-out cross-entropy with true vs shuffled latents / speakers, and
-codebook (vqvae) or KL (vae) statistics. All in evaluation mode, without gradients."""
+"""Is the latent used? Held-out cross-entropy with true vs shuffled latents / speakers, codebook
+(vqvae) or KL (vae) statistics, the speaker adversary's accuracy, and (`ProbeTracker`) linear phone
+and speaker probes on held-out latents. All in evaluation mode, without gradients."""
 from __future__ import annotations
 
 import math
+import time
 
+import numpy as np
 import torch
 
 # Alert thresholds: below them training warns and flags the progress bar (runlog.Logger); the
@@ -38,9 +41,13 @@ def held_out_diagnostics(model, batches, device="cpu") -> dict:
     ids = speaker_ids(batches) if len(batches) else torch.zeros(0, dtype=torch.long)
     sums: dict[str, float] = {}
     codes, kl_dims = [], []
+    adversary = getattr(model, "adversary", None)
     for b in batches:
         feats, dec_q, spk = b.to(device)
         z, terms = model.encode(feats)
+        if adversary is not None:       # share of latent frames whose speaker the adversary names
+            hit = adversary.logits(z).argmax(1) == spk[:, None]
+            sums["adv_accuracy"] = sums.get("adv_accuracy", 0.0) + hit.float().mean().item()
         target = dec_q[:, R:]
         ce = {}
         runs = [("ce", z, spk), ("ce_shuffled_latents", z.roll(1, 0), spk)]
@@ -76,3 +83,58 @@ def codebook_stats(codes: torch.Tensor, n_codes: int) -> dict:
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     return {"perplexity": math.exp(entropy), "codes_used": int((counts > 0).sum()),
             "bits_per_code": entropy / math.log(2)}
+
+
+class ProbeTracker:
+    """Linear phone and speaker probes (`evaluate.probes.linear_probe`) on the latents of whole files,
+    fitted on `fit` utterances and scored on `score` utterances, each call with the model as it is
+    now. The MFCC frames, their labels and the MFCC probes' accuracies do not change during training:
+    computed once. Files without `<utt>.phones.tsv` alignments give no phone probe (NaN)."""
+
+    def __init__(self, fit, score, model_cfg):
+        from .data.corpus import load_or_skip
+        # imported here: the evaluate package imports this module
+        from .evaluate.probes import Frames, label_at, read_alignment
+        from .features import mfcc_features
+        m = model_cfg
+        span = m.mfcc_win + (m.delta_width - 1) * m.mfcc_hop
+        self.sets: dict[str, list] = {}
+        for name, utts in (("fit", fit), ("score", score)):
+            rows = []
+            for u in utts:
+                wav = load_or_skip(u.path, m.sample_rate)
+                if wav is None:
+                    continue
+                mf = mfcc_features(wav, m).T
+                tm = (np.arange(len(mf)) * m.mfcc_hop + span / 2) / m.sample_rate
+                ali = read_alignment(u.path)
+                rows.append((wav, ali, Frames(mf, tm, u.speaker, label_at(ali, tm) if ali else None)))
+            self.sets[name] = rows
+        self.mfcc = {f"probe_{t}_mfcc": _accuracy({k: [r[2] for r in rows] for k, rows in self.sets.items()}, t)
+                     for t in ("phone", "speaker")}
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        """{probe_phone_latents, probe_speaker_latents, probe_phone_mfcc, probe_speaker_mfcc (frame
+        accuracy, NaN when not measurable), probe_seconds (the wall time of this call)}."""
+        from .encode import encode_signal
+        from .evaluate.probes import Frames, label_at
+        t0 = time.time()
+        was_training = model.training
+        m = model.cfg
+        frames = {}
+        for name, rows in self.sets.items():
+            frames[name] = []
+            for wav, ali, mf in rows:
+                z, _ = encode_signal(model, wav)
+                tz = (np.arange(len(z)) + 0.5) * m.hop / m.sample_rate
+                frames[name].append(Frames(z, tz, mf.speaker, label_at(ali, tz) if ali else None))
+        model.train(was_training)
+        lat = {f"probe_{t}_latents": _accuracy(frames, t) for t in ("phone", "speaker")}
+        return {**lat, **self.mfcc, "probe_seconds": time.time() - t0}
+
+
+def _accuracy(frames: dict, target: str) -> float:
+    from .evaluate.probes import linear_probe
+    acc = linear_probe(frames["fit"], frames["score"], target)
+    return float("nan") if acc is None else acc

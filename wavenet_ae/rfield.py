@@ -75,7 +75,8 @@ def featurizer_layers(m: ModelConfig) -> list[Layer]:
 def encoder_layers(m: ModelConfig) -> list[Layer]:
     """feature frames -> latent vectors (valid convolutions; residual branches are cropped)."""
     k = m.enc_kern
-    layers = [Layer("conv_in", k), Layer("conv_res", k),
+    layers = [Layer("cmvn", m.cmvn_frames)] if m.cmvn_frames else []     # sliding-window statistics
+    layers += [Layer("conv_in", k), Layer("conv_res", k),
               Layer("conv_stride", m.enc_stride_kern, m.enc_stride),
               Layer("conv_mid", k), Layer("conv_res2", k)]
     layers += [Layer(f"fc{i}", 1) for i in range(m.n_enc_fc)]

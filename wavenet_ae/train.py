@@ -31,11 +31,11 @@ import torch.distributed as dist
 
 from . import checkpoint, cli, malloc
 from .checkpoint import rng_state, set_rng_state
-from .config import Config, preset
+from .config import PRESETS, Config, preset
 from .data.corpus import INDEX_CACHE_NAME, Corpus, CorpusError, load_or_skip
 from .data.slice_buffer import SliceBuffer, fixed_batches
 from .data.splits import load_corpora
-from .diagnostics import held_out_diagnostics
+from .diagnostics import ProbeTracker, held_out_diagnostics
 from .features import mfcc_features
 from .model import WaveNetAE
 from .runlog import Logger
@@ -43,7 +43,7 @@ from .runlog import Logger
 # keys that may differ between a run's config.json and a resume command
 # (not data.buffer_seconds: the buffer's size decides which files make up a chunk, i.e. the batch stream)
 SAFE_TO_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.validate_every", "train.log_every", "data.loader"}
+                  "train.validate_every", "train.log_every", "train.probe_files", "data.loader"}
 
 
 class StopFlag:
@@ -230,6 +230,11 @@ def train(args) -> int:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     valid_batches = fixed_batches(valid_set, cfg.model, p, cfg.data.n_batch, 8) if is_main else []
+    probes = None
+    if is_main and valid_batches and cfg.train.probe_files > 0:
+        every = max(1, len(train_set.utterances) // cfg.train.probe_files)
+        probes = ProbeTracker(train_set.utterances[::every][: cfg.train.probe_files], valid_set.utterances,
+                              cfg.model)
 
     stop = StopFlag()
     log = Logger(run_dir, enabled=is_main)
@@ -293,8 +298,12 @@ def train(args) -> int:
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}", **log.alerts)
             bar.update(1)
             if is_main and valid_batches and (step % cfg.train.validate_every == 0 or step == max_steps):
-                log.validation(step, held_out_diagnostics(model, valid_batches, device),
-                               warn=step > cfg.train.lr_warmup_steps)
+                t_valid = time.time()
+                record = held_out_diagnostics(model, valid_batches, device)
+                if probes is not None:
+                    record.update(probes(model))
+                record["valid_seconds"] = time.time() - t_valid      # what validation costs the run
+                log.validation(step, record, warn=step > cfg.train.lr_warmup_steps)
             if step % cfg.train.checkpoint_every == 0 or step == max_steps:
                 save()
     finally:
@@ -332,9 +341,10 @@ def parse_args(argv=None):
     ap.add_argument("--speaker-level", type=int, default=1, metavar="N",
                     help="with a corpus directory: the speaker is the folder N levels below it (1: the "
                          "first-level folder; 2 for the LibriSpeech root, subset/speaker/chapter)")
-    ap.add_argument("--preset", default=None, choices=["tiny", "paper"],
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
                     help="hyper-parameters of a new run (default: paper, the paper's model: hours per "
-                         "thousand steps on a CPU; tiny trains visibly in minutes there)")
+                         "thousand steps on a CPU; small: its structure, ~30 minutes on one CPU core; "
+                         "tiny trains visibly in minutes there)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--checkpoint-every", type=int)

@@ -8,8 +8,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..rfield import WindowPlan, conditioning_layers, plan
+from .adversary import SpeakerAdversary
 from .bottleneck import make_bottleneck
-from .decoder import Conditioning, WaveNet
+from .decoder import Conditioning, WaveNet, corrupt_inputs
 from .encoder import Encoder
 
 
@@ -26,6 +27,8 @@ class WaveNetAE(nn.Module):
         self.conditioning = Conditioning(m)
         self.speaker = nn.Embedding(m.n_speakers, m.n_global_embed)
         self.decoder = WaveNet(m)
+        # training-only head (adv_weight > 0); absent otherwise, so older runs' state dicts are unchanged
+        self.adversary = SpeakerAdversary(m) if m.adv_weight > 0 else None
         self._plans: dict[int, WindowPlan] = {}
 
     @property
@@ -41,9 +44,10 @@ class WaveNetAE(nn.Module):
         """features (B, n_in, F) -> latents (B, n_latent, M), bottleneck terms."""
         return self.bottleneck(self.encoder(feats))
 
-    def local_conditioning(self, z: torch.Tensor, p: WindowPlan) -> torch.Tensor:
-        """latents (B, n_latent, p.n_latents) -> conditioning (B, n_lc_out, p.lc_len)."""
-        return self.conditioning(z)[..., p.lc_crop: p.lc_crop + p.lc_len]
+    def local_conditioning(self, z: torch.Tensor, p: WindowPlan, g: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (B, n_latent, p.n_latents), speaker embedding g (B, n_global_embed) ->
+        conditioning (B, n_lc_out, p.lc_len)."""
+        return self.conditioning(z, g)[..., p.lc_crop: p.lc_crop + p.lc_len]
 
     def forward(self, feats: torch.Tensor, dec_q: torch.Tensor, speaker: torch.Tensor,
                 z_override: torch.Tensor | None = None, head: bool = True):
@@ -55,10 +59,16 @@ class WaveNetAE(nn.Module):
             raise ValueError(f"features have {feats.shape[-1]} frames; a window of N={p.n_win} "
                              f"needs {p.n_frames} (see python -m wavenet_ae.rfield)")
         z, terms = self.encode(feats)
+        if self.adversary is not None and self.training:
+            terms.update(self.adversary(z, speaker))
         if z_override is not None:
             z = z_override
-        lc = self.local_conditioning(z, p)
-        out = self.decoder(dec_q[:, :-1], lc, self.speaker(speaker), head)
+        g = self.speaker(speaker)
+        lc = self.local_conditioning(z, p, g)
+        x_q = dec_q[:, :-1]
+        if self.training and self.cfg.dec_input_noise > 0:
+            x_q = corrupt_inputs(x_q, self.cfg.dec_input_noise, self.cfg.n_quant)
+        out = self.decoder(x_q, lc, g, head)
         return out, terms
 
     def loss(self, feats, dec_q, speaker):
@@ -99,10 +109,11 @@ class WaveNetAE(nn.Module):
         dev = next(self.parameters()).device
         feats = mfcc_features(torch.from_numpy(padded).to(dev), self.cfg)[None]      # on the model's device
         z, _ = self.encode(feats)
-        up = self.conditioning(z)
+        g = self.speaker(speaker.to(dev).view(1))
+        up = self.conditioning(z, g)
         p = self.plan(self.cfg.hop)
         first = -self.receptive_field + left - p.lc_time_offset    # index of time -R (e0 = -left)
         lc = up[..., first: first + self.receptive_field + T]
         if lc.shape[-1] != self.receptive_field + T:
             raise RuntimeError("internal: conditioning shorter than the signal")
-        return lc, z, self.speaker(speaker.to(dev).view(1))
+        return lc, z, g

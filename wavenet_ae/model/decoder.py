@@ -15,6 +15,12 @@ from .. import ops
 from ..config import ModelConfig
 
 
+def corrupt_inputs(x_q: torch.Tensor, p: float, n_quant: int) -> torch.Tensor:
+    """Each class of x_q replaced, with probability p, by a uniformly random class (dec_input_noise)."""
+    noise = torch.randint(0, n_quant, x_q.shape, device=x_q.device, dtype=x_q.dtype)
+    return torch.where(torch.rand(x_q.shape, device=x_q.device) < p, noise, x_q)
+
+
 def jitter(z: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """(B, C, M) -> (B, C, M - 2). In training each vector is replaced by its left or right
     neighbour with probability p (each side p / 2); otherwise the centre crop."""
@@ -36,14 +42,22 @@ class Conditioning(nn.Module):
     def __init__(self, m: ModelConfig):
         super().__init__()
         self.jitter_prob = m.jitter_prob
-        self.conv = nn.Conv1d(m.n_latent, m.n_lc_out, m.n_lc_kern, bias=m.bias)
+        self.speaker_in_lc = m.speaker_in_lc
+        n_in = m.n_latent + (m.n_global_embed if m.speaker_in_lc else 0)
+        self.conv = nn.Conv1d(n_in, m.n_lc_out, m.n_lc_kern, bias=m.bias)
         self.ups = nn.ModuleList(
             nn.ConvTranspose1d(m.n_lc_out, m.n_lc_out, k, stride=s, bias=m.bias)
             for s, k in zip(m.lc_upsample_strides, m.lc_upsample_kern_sizes))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        """g (B, n_global_embed): the speaker embedding, read when `speaker_in_lc` (appended to every
+        latent frame)."""
         if self.jitter_prob > 0:
             z = jitter(z, self.jitter_prob, self.training)
+        if self.speaker_in_lc:
+            if g is None:
+                raise ValueError("speaker_in_lc: the conditioning needs the speaker embedding")
+            z = torch.cat([z, g[:, :, None].expand(-1, -1, z.shape[-1])], dim=1)
         h = self.conv(z)
         for up in self.ups:
             h = up(F.relu(h))

@@ -9,6 +9,19 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 
 
+# variance floor of the sliding CMVN, in units of the corpus-wide standardised features: a window of
+# near-constant frames (silence) is not blown up to unit variance (its std is floored at 0.1)
+CMVN_VAR_FLOOR = 1e-2
+
+
+def sliding_cmvn(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, C, F) -> (B, C, F - width + 1): each frame minus the mean, over the std, of the `width`
+    frames centred on it (a valid layer: see ModelConfig.cmvn_frames)."""
+    mean = F.avg_pool1d(x, width, stride=1)
+    var = (F.avg_pool1d(x * x, width, stride=1) - mean * mean).clamp_min(0)
+    return (_crop(x, mean.shape[-1]) - mean) / (var + CMVN_VAR_FLOOR).sqrt()
+
+
 def _crop(x: torch.Tensor, n: int) -> torch.Tensor:
     """Centre-crop the time axis to length n."""
     lo = (x.shape[-1] - n) // 2
@@ -21,6 +34,7 @@ class Encoder(nn.Module):
     def __init__(self, m: ModelConfig):
         super().__init__()
         c, k = m.n_enc, m.enc_kern
+        self.cmvn = m.cmvn_frames
         self.register_buffer("feat_mean", torch.zeros(m.n_in))
         self.register_buffer("feat_std", torch.ones(m.n_in))
         self.conv_in = nn.Conv1d(m.n_in, c, k, bias=m.bias)
@@ -37,6 +51,8 @@ class Encoder(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         x = (feats - self.feat_mean[:, None]) / self.feat_std[:, None]
+        if self.cmvn:
+            x = sliding_cmvn(x, self.cmvn)
         h = F.relu(self.conv_in(x))
         r = F.relu(self.conv_res(h))
         h = r + _crop(h, r.shape[-1])
