@@ -101,3 +101,48 @@ def test_representation_script_end_to_end(tmp_path):
     assert json.loads((out / "vqvae-seed0" / "report" / "report.json").read_text())["step"] == 20
     n_records = len((out / "vqvae-seed0" / "log.jsonl").read_text().splitlines())
     assert n_records == 3                                   # train at 10, 20; validation at 20
+
+
+def test_issue20_targets_variants_and_tracked_reports_of_fake_runs(tmp_path):
+    """targets_20 on known numbers; a run named V-B-seedS reads as variant V; a kept report-stepK
+    shows in the tracked column."""
+    d = _fake_run(tmp_path, "vqvae", [0.3, 0.2, 0.25, 0.3], [0.6, 0.5, 0.3, 0.6], [5, 10, 1, 20], perplexity=20.0)
+    log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+    for r in log:
+        if r["kind"] == "valid":
+            r.update(speaker_gain=0.05 * r["step"] / 250, probe_phone_latents=0.1 * r["step"] / 250)
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    report = json.loads((d / "report" / "report.json").read_text())
+    report["resynthesis"] = [{"conversion_frames_judged_target": v} for v in (0.4, 0.7)]
+    (d / "report" / "report.json").write_text(json.dumps(report))
+    (d / "report-step500").mkdir()
+    (d / "report-step500" / "report.json").write_text(json.dumps(
+        {"step": 500, "probe_accuracy": {"phone_latents": 0.4}, "abx": {"latents": {"across": 30.0}},
+         "resynthesis": [{"conversion_frames_judged_target": 0.25}]}))
+    r = rep.summarize(d.rename(tmp_path / "combo-vqvae-seed0"))
+    assert r["variant"] == "combo" and rep._variant_of("vqvae-seed3", "vqvae") == "-"
+    assert r["vc_target"] == pytest.approx(0.55) and r["speaker_gain"] == pytest.approx(0.2)
+    assert r["gains_mid_end"] == (0.2, 0.3) and r["probe_phone_mid_end"] == (pytest.approx(0.2), pytest.approx(0.4))
+    assert r["track_vc_phone"] == "500: 0.400 / 30.0 / 0.25"
+    lines = rep.targets_20([r])
+    print("\n".join(lines))
+    # phones 0.6 >= 0.5 met; ABX across 10 < 20 met; speaker 0.3 <= (1/6 + 0.6)/2 met; VC 0.55 met;
+    # speaker gain 0.2 met; gain 0.3 >= mid-run 0.2 met
+    assert [line.split("]")[0][1:] for line in lines] == ["met"] * 6
+    r["vc_target"], r["speaker_gain"] = 0.3, 0.05
+    assert [line.split("]")[0][1:] for line in rep.targets_20([r])][3:5] == ["missed", "missed"]
+    assert "| combo | vqvae | 0 |" in rep.markdown_table([r], rep.COLUMNS_20)
+
+
+def test_variants_parse_from_the_table_and_the_command_line():
+    assert rep.parse_variants("", []) == [(None, [])]
+    got = rep.parse_variants("baseline,cmvn", ["wide=n_global_embed=64,speaker_in_lc=true"])
+    assert got == [("baseline", []), ("cmvn", rep.VARIANTS["cmvn"]),
+                   ("wide", ["n_global_embed=64", "speaker_in_lc=true"])]
+    with pytest.raises(SystemExit, match="unknown variant"):
+        rep.parse_variants("nope", [])
+    with pytest.raises(SystemExit, match="NAME=KEY=VAL"):
+        rep.parse_variants("", ["bad-name=n_codes=3"])
+    # every built-in variant is a valid override of the small preset
+    for sets in rep.VARIANTS.values():
+        preset("small").with_overrides(sets)
