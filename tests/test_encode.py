@@ -303,3 +303,25 @@ def test_zerospeech_submission_ae_and_errors(runs, corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         encode_main(base + ["--out", str(tmp_path / "file")])
     assert "is a file" in capsys.readouterr().err
+
+
+def test_vqvae_in_its_warm_up_has_no_codes(tmp_path, corpus, capsys):
+    """A VQ-VAE run still in its warm-up (step < vq_warmup_steps: latents not quantised) encodes a corpus
+    without codes files, and refuses one-hot codes in one line (it crashed saving None as codes)."""
+    d = make_run_dir(tmp_path, "vqvae")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"]["vq_warmup_steps"] = 500                     # the checkpoint is step 7
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert encode_main(["--run-dir", str(d), "--input", str(corpus), "--out", str(tmp_path / "o"),
+                        "--no-progress"]) == 0
+    assert len(list((tmp_path / "o").rglob("*.npy"))) == len(LENGTHS)
+    assert not list((tmp_path / "o").rglob("*.codes.npy")) and not (tmp_path / "o/bitrate.json").exists()
+    assert encode_main(["--run-dir", str(d), "--input", str(corpus), "--out", str(tmp_path / "e"),
+                        "--no-progress", "--format", "zerospeech"]) == 0          # embeddings: fine
+    assert "bitrate" not in (tmp_path / "e/meta.yaml").read_text()
+    with pytest.raises(SystemExit) as e:
+        encode_main(["--run-dir", str(d), "--input", str(corpus), "--out", str(tmp_path / "z"), "--no-progress",
+                     "--format", "zerospeech", "--zerospeech-codes", "onehot"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "VQ warm-up" in err and "--zerospeech-codes embedding" in err

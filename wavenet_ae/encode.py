@@ -143,6 +143,11 @@ def encode_signals(model, wavs: list[np.ndarray], batch_size: int = 16) -> list[
     return out
 
 
+def has_codes(model) -> bool:
+    """Whether encoding gives codes: a VQ-VAE past its warm-up (before it, latents are unquantised)."""
+    return model.cfg.bottleneck == "vqvae" and not model.bottleneck.in_warmup()
+
+
 def encode_signal(model, wav: np.ndarray):
     """wav (T,) float at the model rate -> latents (M, n_latent) float32 and codes (M,) int64 or None."""
     return encode_signals(model, [wav], batch_size=1)[0]
@@ -355,7 +360,7 @@ def encode_corpus(run, items: list[Item], out: Path, *, batch_size: int = 16, ov
     from tqdm.auto import tqdm
     from .data.corpus import load_or_skip
     m = run.config.model
-    with_codes = m.bottleneck == "vqvae" and fmt == "npy"
+    with_codes = has_codes(run.model) and fmt == "npy"
     todo = []
     s = Summary()
     for i, it in enumerate(items):
@@ -431,7 +436,11 @@ def _main_corpus(ap, a, cli, run) -> int:
         items, other = list_corpus(a.input, a.input_root)
         if not items:
             raise EncodeError(f"no audio files ({', '.join(_exts())}) in {a.input}")
-        with_codes = m.bottleneck == "vqvae" and a.format == "npy"
+        quantised = has_codes(run.model)
+        if a.format == "zerospeech" and a.zerospeech_codes == "onehot" and m.bottleneck == "vqvae" and not quantised:
+            raise EncodeError(f"{run.dir} is still in its VQ warm-up (step {run.step} <= vq_warmup_steps="
+                              f"{m.vq_warmup_steps}): no codes yet; use --zerospeech-codes embedding")
+        with_codes = quantised and a.format == "npy"
         _check_collisions(items, out, with_codes)
     except EncodeError as e:
         cli.fail(ap, str(e))
@@ -441,9 +450,12 @@ def _main_corpus(ap, a, cli, run) -> int:
         dist.init_process_group("gloo")     # only to meet at the end: CPU is enough
         group = True
     out.mkdir(parents=True, exist_ok=True)
-    s = encode_corpus(run, items, out, batch_size=a.batch_size, overwrite=a.overwrite, fmt=a.format,
-                      zerospeech_codes=a.zerospeech_codes, world=world, rank=rank,
-                      progress=False if a.no_progress else None)
+    try:
+        s = encode_corpus(run, items, out, batch_size=a.batch_size, overwrite=a.overwrite, fmt=a.format,
+                          zerospeech_codes=a.zerospeech_codes, world=world, rank=rank,
+                          progress=False if a.no_progress else None)
+    except EncodeError as e:
+        cli.fail(ap, str(e))
     if group:
         import torch.distributed as dist
         t = torch.tensor([s.encoded, s.skipped_done, s.failed, s.frames], dtype=torch.long)
@@ -455,7 +467,7 @@ def _main_corpus(ap, a, cli, run) -> int:
            + (f" ({world} ranks)" if world > 1 else ""))
     if rank == 0:
         print(msg, file=sys.stderr)
-        if m.bottleneck == "vqvae":
+        if quantised:
             br = _corpus_bitrate(items, out, with_codes)
             from .checkpoint import atomic_write
             atomic_write(out / BITRATE_NAME, (json.dumps(br, indent=1) + "\n").encode())
@@ -465,7 +477,7 @@ def _main_corpus(ap, a, cli, run) -> int:
         if a.format == "zerospeech":
             desc = (f"wavenet_ae {m.bottleneck} latents ({a.zerospeech_codes}), {m.sample_rate / m.hop:g} Hz, "
                     f"run {run.dir.name} step {run.step}")
-            if m.bottleneck == "vqvae":
+            if quantised:
                 desc += f"; bitrate {br['bits_per_second']:.2f} bits/s (ZeroSpeech 2019 definition)"
             train_set = _train_set(run.dir)
             _write_yaml(out / "meta.yaml", zerospeech_meta(a.zerospeech_benchmark, desc, train_set))
