@@ -37,11 +37,14 @@ class SpeakerAdversary(nn.Module):
                                  nn.Conv1d(m.adv_hidden, m.n_speakers, 1))
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, n_speakers, M) speaker logits of each latent frame (no reversal)."""
-        return self.net(z)
+        """(B, n_speakers, M) speaker logits of each latent frame (no reversal). The classifier reads
+        each frame normalised (zero mean, unit variance over its n_latent values): without it the
+        encoder defeated the classifier by scaling unquantised latents up (tiny preset, adv_weight 0.1:
+        latent norm 0.5 -> 1.3e5 and the conditioning gain 0 by step 400)."""
+        return self.net(F.layer_norm(z.transpose(1, 2), z.shape[1:2]).transpose(1, 2))
 
     def forward(self, z: torch.Tensor, speaker: torch.Tensor) -> dict:
-        logits = self.net(grad_reverse(z, self.weight))
+        logits = self.logits(grad_reverse(z, self.weight))
         target = speaker[:, None].expand(-1, z.shape[-1])
         ce = F.cross_entropy(logits, target)
         return {"loss_adv": ce, "adv_ce": ce.detach(),
