@@ -128,6 +128,14 @@ def test_gradient_reversal_flips_the_encoder_gradient_and_trains_the_classifier_
     assert any(g.abs().sum() > 0 for g in enc_plain.values())
 
 
+def test_adversary_cannot_be_defeated_by_scaling_the_latents():
+    torch.manual_seed(0)
+    model = WaveNetAE(_tiny(**NARROW, adv_weight=0.1, n_speakers=3)).double()
+    z = torch.randn(2, 6, 9, dtype=torch.float64)
+    torch.testing.assert_close(model.adversary.logits(1000 * z), model.adversary.logits(z))
+    assert not torch.allclose(model.adversary.logits(z.roll(1, 1)), model.adversary.logits(z))
+
+
 def test_adversary_terms_in_training_and_accuracy_at_validation():
     torch.manual_seed(0)
     model = WaveNetAE(_tiny(**NARROW, adv_weight=0.5, n_speakers=4))
