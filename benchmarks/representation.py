@@ -60,6 +60,7 @@ VARIANTS: dict[str, list[str]] = {
     "latent16": ["n_latent=16"],                   # lower-dimensional latents
     "spk_lc": ["speaker_in_lc=true"],              # speaker embedding also in the local conditioning
     "spk_wide": ["n_global_embed=128"],            # a wider speaker embedding
+    "short_ctx": ["n_block_layers=8"],             # 2 x 8 layers: 511 past samples (32 ms) instead of 2047
     "combo": ["cmvn_frames=101", "jitter_prob=0.5", "dec_input_noise=0.25", "adv_weight=0.1",
               "speaker_in_lc=true"],
 }

@@ -212,20 +212,46 @@ def test_probe_tracker_scores_as_the_evaluation_does():
 
 # --- a real run with every remedy on ---------------------------------------------------------------
 
-def test_training_with_all_remedies_logs_them_and_loads(synth_corpus, tmp_path):
-    from wavenet_ae import checkpoint
-    from wavenet_ae.run_dir import load_run
+ALL_REMEDIES = ["cmvn_frames=21", "dec_input_noise=0.2", "adv_weight=0.3", "speaker_in_lc=true",
+                "jitter_prob=0.5", "n_codes=16", "vq_warmup_steps=0"]
+
+
+def _corpus_with_split(synth_corpus):
     corpus = synth_corpus(n_speakers=3, per_speaker=4, seconds=(1.6, 2.0))
     # a fixed split (else a hash of the temporary paths decides, and may leave no validation file)
     rows = [f"spk{s}/u{u}.wav\tspk{s}\t{'valid' if u == 0 else 'train'}" for s in range(3) for u in range(4)]
     (corpus / "split.tsv").write_text("\n".join(["path\tspeaker\tsplit", *rows]) + "\n")
-    run = tmp_path / "run"
+    return corpus
+
+
+def _train(run, corpus, steps, *sets):
     cmd = [sys.executable, "-m", "wavenet_ae.train", "--run-dir", str(run), "--data", str(corpus),
-           "--preset", "tiny", "--max-steps", "4", "--device", "cpu", "--set", "validate_every=2",
-           "probe_files=6", "cmvn_frames=21", "dec_input_noise=0.2", "adv_weight=0.3",
-           "speaker_in_lc=true", "jitter_prob=0.5", "n_codes=16", "vq_warmup_steps=0"]
+           "--preset", "tiny", "--max-steps", str(steps), "--device", "cpu", "--set", *sets]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_resume_with_all_remedies_is_exact(synth_corpus, tmp_path):
+    """Their random draws (input noise, jitter) come from the checkpointed RNG, the adversary's weights
+    and optimizer state from the checkpoint: 2 + 2 steps give the weights of 4 straight."""
+    from wavenet_ae import checkpoint
+    corpus = _corpus_with_split(synth_corpus)
+    _train(tmp_path / "straight", corpus, 4, "log_every=1", *ALL_REMEDIES)
+    _train(tmp_path / "resumed", corpus, 2, "log_every=1", *ALL_REMEDIES)
+    _train(tmp_path / "resumed", corpus, 4, "log_every=1", *ALL_REMEDIES)
+    a, b = checkpoint.load_latest(tmp_path / "straight"), checkpoint.load_latest(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 4 and "adversary.net.0.weight" in a["model"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_training_with_all_remedies_logs_them_and_loads(synth_corpus, tmp_path):
+    from wavenet_ae import checkpoint
+    from wavenet_ae.run_dir import load_run
+    corpus = _corpus_with_split(synth_corpus)
+    run = tmp_path / "run"
+    r = _train(run, corpus, 4, "validate_every=2", "probe_files=6", *ALL_REMEDIES)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     valid = [x for x in records if x.get("kind") == "valid"]
     assert [x["step"] for x in valid] == [2, 4], r.stdout + r.stderr[-3000:]
