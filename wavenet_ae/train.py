@@ -351,7 +351,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int)
     cli.add_device(ap)
     args = ap.parse_args(argv)
-    args.device = cli.resolve_device(ap, args.device)
+    args.device = args.device or cli.default_device()      # checked in main: parsing stays GPU-free
     args.preset_given = args.preset is not None
     args.preset = args.preset or "paper"
     return args
@@ -359,6 +359,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
     try:
         code = train(args)
     except CorpusError as e:      # nothing to train on: one line, not a traceback
