@@ -3,7 +3,8 @@ does each remedy of issue #20 do to them?
 
     python benchmarks/representation.py [--preset tiny|small|paper] [--bottlenecks ae,vae,vqvae]
         [--variants baseline,cmvn,...] [--variant NAME=KEY=VAL,KEY=VAL ...] [--seeds 0] [--steps N]
-        [--track 0.5] [--n-resynth 0 --seconds 2] [--out runs/representation] [--threads 1] [--parallel 2]
+        [--track 0.5] [--n-resynth 0 --seconds 2] [--out runs/representation] [--all-runs] [--threads 1]
+        [--parallel 2]
 
 For each variant V, bottleneck B and seed S it trains on the bundled demo corpus with exactly
 
@@ -317,6 +318,11 @@ def plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def finished_runs(out: Path) -> list[Path]:
+    """Every evaluated run directory under `out` (config.json and report/report.json), by name."""
+    return sorted(d for d in out.iterdir() if (d / "config.json").is_file() and (d / "report" / "report.json").is_file())
+
+
 def parse_variants(names: str, extra: list[str]) -> list[tuple[str | None, list[str]]]:
     """[(variant name or None, --set list)]: --variants picks from VARIANTS, --variant NAME=K=V,K=V adds
     (or redefines) one; neither: one unnamed baseline (the runs' names stay B-seedS)."""
@@ -380,6 +386,9 @@ def main(argv=None) -> int:
                     help="held-out files each evaluation resynthesises and converts (the VC verdict)")
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds of each file to resynthesise")
     ap.add_argument("--out", default="runs/representation")
+    ap.add_argument("--all-runs", action="store_true",
+                    help="tabulate every evaluated run under --out, not only this command's (e.g. the "
+                         "screening's variants with the seeds added later for some)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     ap.add_argument("--parallel", type=int, default=2, help="runs side by side")
     a = ap.parse_args(argv)
@@ -393,8 +402,9 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(max_workers=a.parallel) as pool:
         codes = list(pool.map(lambda j: run_one(out, *j, steps, a.threads, a.preset, track, a.n_resynth,
                                                 a.seconds), jobs))
-    rows = [summarize(out / run_name(v, b, s)) for (v, _, b, s), rc in zip(jobs, codes) if rc == 0]
-    ablation = variants != [(None, [])] or track or a.n_resynth
+    rows = ([summarize(d) for d in finished_runs(out)] if a.all_runs else
+            [summarize(out / run_name(v, b, s)) for (v, _, b, s), rc in zip(jobs, codes) if rc == 0])
+    ablation = variants != [(None, [])] or track or a.n_resynth or a.all_runs
     text = "\n".join([f"# Representation experiment: {a.preset} preset, {steps} steps, demo corpus", "",
                       markdown_table(rows, COLUMNS_20 if ablation else COLUMNS), "",
                       "Final validation numbers from log.jsonl (mid = the validation nearest half-way); probes "

@@ -132,6 +132,10 @@ def test_issue20_targets_variants_and_tracked_reports_of_fake_runs(tmp_path):
     r["vc_target"], r["speaker_gain"] = 0.3, 0.05
     assert [line.split("]")[0][1:] for line in rep.targets_20([r])][3:5] == ["missed", "missed"]
     assert "| combo | vqvae | 0 |" in rep.markdown_table([r], rep.COLUMNS_20)
+    # --all-runs tabulates every evaluated run of the folder, not one without its report
+    (tmp_path / "baseline-vqvae-seed1").mkdir()
+    (tmp_path / "baseline-vqvae-seed1" / "config.json").write_text("{}")
+    assert [d.name for d in rep.finished_runs(tmp_path)] == ["combo-vqvae-seed0"]
 
 
 def test_variants_parse_from_the_table_and_the_command_line():
