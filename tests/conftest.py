@@ -1,8 +1,10 @@
+import json
 import re
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 
 @pytest.fixture
@@ -20,6 +22,37 @@ def synth_corpus(tmp_path):
                 sf.write(root / f"spk{s}" / f"u{u}.wav", wav.astype(np.float32), sample_rate)
         return root
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Step-by-step loops on tiny tensors gain nothing from intra-op threads and lose a lot when the
+    machine is shared (spinning OpenMP workers). Modules take it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_run_dir(d, *, bottleneck="vqvae", speakers=("alice", "bob"), step=7, seed=0, feature_stats=False):
+    """A hand-made run dir at `d` (config.json, speakers.json, one training-loop checkpoint) of an untrained
+    tiny model; a VQ-VAE quantises from the start (no warm-up), as a trained run does. feature_stats:
+    random non-trivial encoder feature statistics instead of the identity."""
+    from wavenet_ae import checkpoint
+    from wavenet_ae.config import preset
+    from wavenet_ae.model import WaveNetAE
+    cfg = preset("tiny").with_overrides([f"model.bottleneck={bottleneck}"])
+    cfg.model.vq_warmup_steps = 0
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(cfg.to_json())
+    (d / "speakers.json").write_text(json.dumps(list(speakers)))
+    torch.manual_seed(seed)
+    model = WaveNetAE(cfg.model)
+    if feature_stats:
+        model.encoder.set_feature_stats(torch.randn(cfg.model.n_in), torch.rand(cfg.model.n_in) + 0.5)
+    checkpoint.save(d, step, {"model": model.state_dict(), "step": step}, keep=0)
+    return d
 
 
 # --- the `cuda` marker: `pytest -m cuda` runs exactly the tests that need a GPU -----------------------

@@ -1,5 +1,4 @@
 """wavenet_ae.load / Model: the Python API gives the CLIs' results, pays start-up once, checks its inputs."""
-import json
 import subprocess
 import sys
 
@@ -9,34 +8,22 @@ import soundfile as sf
 import torch
 
 import wavenet_ae
-from wavenet_ae import checkpoint, generate
-from wavenet_ae.config import Config, preset
+from conftest import make_run_dir
+from wavenet_ae import generate
+from wavenet_ae.config import Config
 from wavenet_ae.data.corpus import load_audio
 from wavenet_ae.encode import encode_signal, encode_signals
 from wavenet_ae.model import WaveNetAE
 from wavenet_ae.run_dir import load_run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def run_dir(tmp_path):
     """A run dir of an untrained tiny VQ-VAE (quantising: no warm-up) with speakers alice and bob."""
-    cfg = preset("tiny")
-    cfg.model.vq_warmup_steps = 0
-    d = tmp_path / "run"
-    (d / "config.json").parent.mkdir(parents=True)
-    (d / "config.json").write_text(cfg.to_json())
-    (d / "speakers.json").write_text(json.dumps(["alice", "bob"]))
-    torch.manual_seed(0)
-    checkpoint.save(d, 7, {"model": WaveNetAE(cfg.model).state_dict(), "step": 7}, keep=0)
-    return d
+    return make_run_dir(tmp_path / "run")
 
 
 @pytest.fixture

@@ -13,34 +13,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import wavenet_ae
-from wavenet_ae import checkpoint, export
-from wavenet_ae.config import preset
-from wavenet_ae.model import WaveNetAE
+from wavenet_ae import export
+from conftest import make_run_dir
 from wavenet_ae.run_dir import MODEL_FILE_FORMAT, ModelFileError, RunDirError, load_model_file, load_run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def run_dir(tmp_path):
     """A run dir of an untrained tiny VQ-VAE (quantising) with non-trivial feature statistics."""
-    cfg = preset("tiny")
-    cfg.model.vq_warmup_steps = 0
-    d = tmp_path / "run"
-    d.mkdir()
-    (d / "config.json").write_text(cfg.to_json())
-    (d / "speakers.json").write_text(json.dumps(["alice", "bob", "carol"]))
-    torch.manual_seed(0)
-    model = WaveNetAE(cfg.model)
-    model.encoder.set_feature_stats(torch.randn(cfg.model.n_in), torch.rand(cfg.model.n_in) + 0.5)
-    checkpoint.save(d, 12, {"model": model.state_dict(), "step": 12}, keep=0)
-    return d
+    return make_run_dir(tmp_path / "run", speakers=("alice", "bob", "carol"), step=12, feature_stats=True)
 
 
 @pytest.fixture

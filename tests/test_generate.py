@@ -34,14 +34,7 @@ needs_cuda = pytest.mark.skipif(not ("cuda" in available_engines()),
                                 reason="no CUDA GPU or no CUDA kernels in wavenet_ae._C")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Step-by-step loops on tiny tensors gain nothing from intra-op threads and lose a lot when the
-    machine is shared (spinning OpenMP workers); the threaded cpp path has its own test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _geometry(name: str) -> ModelConfig:

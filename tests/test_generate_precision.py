@@ -37,12 +37,7 @@ needs_cpp = pytest.mark.skipif(not ops.has_kernel("wavenet_generate", "cpu"),
                                reason="wavenet_ae._C without generation kernels (rebuild the extension)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rounded(dec, dtype):

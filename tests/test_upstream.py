@@ -1,6 +1,5 @@
 """wavenet_ae.upstream.Upstream: the s3prl upstream contract, checked without s3prl (it does not install
 with our torch): shapes, frame counts under the featurizer's rule, batches vs items alone, gradients."""
-import json
 import math
 
 import numpy as np
@@ -8,34 +7,19 @@ import pytest
 import torch
 
 import wavenet_ae
-from wavenet_ae import checkpoint
-from wavenet_ae.config import preset
-from wavenet_ae.model import WaveNetAE
+from conftest import make_run_dir
 from wavenet_ae.upstream import Upstream
 
 HOP = 320
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def run_dir(tmp_path):
     """A run dir of an untrained tiny VQ-VAE (quantising: no warm-up)."""
-    cfg = preset("tiny")
-    cfg.model.vq_warmup_steps = 0
-    d = tmp_path / "run"
-    d.mkdir()
-    (d / "config.json").write_text(cfg.to_json())
-    (d / "speakers.json").write_text(json.dumps(["alice", "bob"]))
-    torch.manual_seed(0)
-    checkpoint.save(d, 3, {"model": WaveNetAE(cfg.model).state_dict(), "step": 3}, keep=0)
-    return d
+    return make_run_dir(tmp_path / "run", step=3)
 
 
 @pytest.fixture
