@@ -1,5 +1,6 @@
 """Is the latent used? `diagnostics.held_out_diagnostics` and `codebook_stats` on constructed cases with
 known answers."""
+import json
 import math
 from types import SimpleNamespace
 
@@ -149,3 +150,22 @@ def test_speaker_gain_with_a_single_speaker_is_nan_without_its_forward_pass():
     assert set(out) == keys                                  # the same keys as with several speakers
     assert math.isfinite(out["conditioning_gain"]) and math.isfinite(out["ce"])
     assert len(calls) == 2 * len(batches)                    # true and shuffled latents only
+
+
+def test_loss_png_tracks_the_probes_when_validation_has_them(tmp_path):
+    """loss.png gets a third panel (the held-out probes over training) exactly when the validation
+    records carry probe accuracies; a record without them (e.g. no alignments) is skipped."""
+    from PIL import Image
+    from wavenet_ae.plots import plot_losses
+
+    def write(valid_extra):
+        recs = [{"kind": "train", "step": s, "ce": 5.0 - s / 100} for s in range(1, 101)]
+        recs += [{"kind": "valid", "step": s, "ce": 4.0, "ce_shuffled_latents": 4.2, "conditioning_gain": 0.2,
+                  "speaker_gain": 0.05, **valid_extra(s)} for s in (25, 50, 75, 100)]
+        (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return Image.open(plot_losses(tmp_path)).size
+
+    plain = write(lambda s: {})
+    probes = write(lambda s: {} if s == 50 else {"probe_phone_latents": 0.3, "probe_phone_mfcc": 0.5,
+                                                 "probe_speaker_latents": 0.2, "probe_speaker_mfcc": 0.6})
+    assert plain[1] == probes[1] and probes[0] > 1.4 * plain[0]          # 3 panels instead of 2

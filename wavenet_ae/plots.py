@@ -17,15 +17,23 @@ def _plt():
     return plt
 
 
+# held-out linear probes of the validation records (diagnostics.ProbeTracker): key -> legend
+PROBE_CURVES = {"probe_phone_latents": "phone, latents", "probe_phone_mfcc": "phone, MFCC",
+                "probe_speaker_latents": "speaker, latents", "probe_speaker_mfcc": "speaker, MFCC",
+                "adv_accuracy": "speaker adversary"}
+
+
 def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: training loss and held-out CE / conditioning gain from log.jsonl."""
+    """loss.png: training loss and held-out CE, the conditioning and speaker gains, and (when the
+    validation records have them) the held-out probes' accuracies, from log.jsonl."""
     plt = _plt()
     recs = [json.loads(line) for line in open(run_dir / "log.jsonl") if line.strip()]
     tr = [r for r in recs if r.get("kind") == "train"]
     va = [r for r in recs if r.get("kind") == "valid"]
     if not tr:
         return None
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    probes = [k for k in PROBE_CURVES if any(k in r for r in va)]
+    fig, ax = plt.subplots(1, 3 if probes else 2, figsize=(16 if probes else 11, 4))
     ax[0].plot([r["step"] for r in tr], [r["ce"] for r in tr], label="train CE", lw=0.8)
     if va:
         ax[0].plot([r["step"] for r in va], [r["ce"] for r in va], "o-", label="valid CE")
@@ -33,11 +41,16 @@ def plot_losses(run_dir: Path) -> Path | None:
                    label="valid CE, shuffled latents")
         ax[1].plot([r["step"] for r in va], [r["conditioning_gain"] for r in va], "o-", label="latents")
         ax[1].plot([r["step"] for r in va], [r["speaker_gain"] for r in va], "s-", label="speaker")
+    for k in probes:
+        pts = [(r["step"], r[k]) for r in va if r.get(k) is not None]
+        ax[2].plot(*zip(*pts), "--" if k.endswith("mfcc") else "o-", label=PROBE_CURVES[k])
     ax[0].set(xlabel="step", ylabel="nats / sample", title="cross-entropy")
     ax[1].set(xlabel="step", ylabel="nats / sample", title="conditioning gain (shuffled - true)")
+    if probes:
+        ax[2].set(xlabel="step", ylabel="frame accuracy", title="held-out linear probes", ylim=(0, 1))
     for a in ax:
         if a.get_legend_handles_labels()[0]:
-            a.legend()
+            a.legend(fontsize=8)
         a.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "loss.png"
