@@ -64,3 +64,12 @@ def test_device_defaults_to_cuda_when_available(monkeypatch):
     with pytest.raises(SystemExit):
         cli.resolve_device(ap, "cuda")
     assert cli.resolve_device(ap, "cpu") == "cpu"
+
+
+@pytest.mark.parametrize("verb", ["train", "encode", "evaluate"])
+def test_verbs_that_load_a_model_take_device(verb, capsys):
+    """--device, defaulting to cuda when available (generate picks its device with --engine auto)."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(cli.VERBS[verb]).main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--device {cpu,cuda}" in out and "default: cuda when a CUDA device is available" in out

@@ -35,9 +35,11 @@ def main(argv=None) -> None:
     ap.add_argument("--n-resynth", type=int, default=2, help="held-out files to resynthesise / convert")
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds of each file to resynthesise")
     ap.add_argument("--engine", default="auto", choices=["auto", "python", "cpp", "cuda"])
+    cli.add_device(ap)
     a = ap.parse_args(argv)
+    device = cli.resolve_device(ap, a.device)
     try:
-        report = run_evaluation(a.run_dir, a.data, a.n_resynth, a.seconds, a.engine)
+        report = run_evaluation(a.run_dir, a.data, a.n_resynth, a.seconds, a.engine, device=device)
     except CorpusError as e:
         raise SystemExit(f"error: {e}") from None
     print(markdown(report))

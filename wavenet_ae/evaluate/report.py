@@ -28,9 +28,9 @@ from .probes import linear_probe, read_alignment, speaker_classifier, utterance_
 
 
 def run_evaluation(run_dir: str, data: str | None = None, n_resynth: int = 2, seconds: float = 2.0,
-                   engine: str = "auto", max_train_files: int = 48) -> dict:
+                   engine: str = "auto", max_train_files: int = 48, device: str = "cpu") -> dict:
     from ..generate import resynthesize
-    run = load_run(run_dir)
+    run = load_run(run_dir, device)
     model, cfg = run.model, run.config
     out_dir = Path(run_dir) / "report"
     out_dir.mkdir(exist_ok=True)
@@ -53,7 +53,7 @@ def run_evaluation(run_dir: str, data: str | None = None, n_resynth: int = 2, se
     # reconstruction
     p = model.plan(cfg.data.n_win)
     batches = fixed_batches(test, cfg.model, p, cfg.data.n_batch, 16)
-    loss = held_out_diagnostics(model, batches)
+    loss = held_out_diagnostics(model, batches, device)
     report["reconstruction"] = {k: v for k, v in loss.items() if not isinstance(v, list)}
 
     # probes
