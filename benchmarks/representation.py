@@ -4,7 +4,7 @@ does each remedy of issue #20 do to them?
     python benchmarks/representation.py [--preset tiny|small|paper] [--bottlenecks ae,vae,vqvae]
         [--variants baseline,cmvn,...] [--variant NAME=KEY=VAL,KEY=VAL ...] [--seeds 0] [--steps N]
         [--track 0.5] [--n-resynth 0 --seconds 2] [--out runs/representation] [--all-runs] [--threads 1]
-        [--parallel 2]
+        [--parallel 2] [--table-only] [--at-step K]
 
 For each variant V, bottleneck B and seed S it trains on the bundled demo corpus with exactly
 
@@ -20,6 +20,11 @@ does not depend on max_steps and resume is exact, so the run is the same as one 
 through. --parallel runs go side by side, each with OMP_NUM_THREADS=--threads; their output is
 appended to OUT/NAME.out. Built-in variants (VARIANTS below) are the remedies of issue #20; --variant
 adds or redefines one.
+
+`--table-only` trains and evaluates nothing and tabulates every evaluated run under OUT; `--at-step K`
+tabulates the runs as they stood at step K (validation records up to K, the report made at K: a
+screening's budget, e.g. runs trained to K beside longer ones tracked at K), into
+OUT/representation-stepK.md (and its pictures).
 
 Prints, and writes to OUT/representation.md, a table of the results and one line per target of the
 issues (met / missed, with the numbers); OUT/conditioning_gain.png plots the conditioning gain and the
@@ -135,12 +140,24 @@ def training_minutes(records: list[dict]) -> float | None:
     return sum(dt for dt in dts if dt <= limit) / 60
 
 
-def summarize(run_dir: Path) -> dict:
-    """One table row from the run's config, log and evaluation report."""
+def report_at(run_dir: Path, at_step: int | None = None) -> dict:
+    """The run's evaluation report ({} if none): the final one, or the one made at `at_step` (the final
+    one or a tracked RUN/report-stepK)."""
+    for path in [run_dir / "report" / "report.json"] + ([run_dir / f"report-step{at_step}" / "report.json"]
+                                                         if at_step else []):
+        if path.exists():
+            rep = json.loads(path.read_text())
+            if at_step is None or rep.get("step") == at_step:
+                return rep
+    return {}
+
+
+def summarize(run_dir: Path, at_step: int | None = None) -> dict:
+    """One table row from the run's config, log and evaluation report; with `at_step`, as the run stood
+    at that step (validation records up to it, the report made there)."""
     cfg = json.loads((run_dir / "config.json").read_text())
-    rep_path = run_dir / "report" / "report.json"
-    rep = json.loads(rep_path.read_text()) if rep_path.exists() else {}
-    records = read_log(run_dir)
+    rep = report_at(run_dir, at_step)
+    records = [r for r in read_log(run_dir) if at_step is None or r.get("step", 0) <= at_step]
     valid = [r for r in records if r.get("kind") == "valid"]
     last = valid[-1] if valid else {}
     mid = min(valid, key=lambda r: abs(r["step"] - last["step"] / 2)) if len(valid) > 1 else {}
@@ -152,7 +169,8 @@ def summarize(run_dir: Path) -> dict:
     tracked = {}
     for kept in sorted(run_dir.glob("report-step*/report.json")):
         r = json.loads(kept.read_text())
-        tracked[r["step"]] = _report_figures(r)
+        if at_step is None or r["step"] < at_step:
+            tracked[r["step"]] = _report_figures(r)
     return {
         "name": run_dir.name, "variant": _variant_of(run_dir.name, bottleneck), "bottleneck": bottleneck,
         "seed": cfg["train"]["seed"],
@@ -318,9 +336,10 @@ def plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def finished_runs(out: Path) -> list[Path]:
-    """Every evaluated run directory under `out` (config.json and report/report.json), by name."""
-    return sorted(d for d in out.iterdir() if (d / "config.json").is_file() and (d / "report" / "report.json").is_file())
+def finished_runs(out: Path, at_step: int | None = None) -> list[Path]:
+    """Every evaluated run directory under `out` (config.json and a report: the final one, or with
+    `at_step` one made at that step), by name."""
+    return sorted(d for d in out.iterdir() if (d / "config.json").is_file() and report_at(d, at_step))
 
 
 def parse_variants(names: str, extra: list[str]) -> list[tuple[str | None, list[str]]]:
@@ -389,6 +408,11 @@ def main(argv=None) -> int:
     ap.add_argument("--all-runs", action="store_true",
                     help="tabulate every evaluated run under --out, not only this command's (e.g. the "
                          "screening's variants with the seeds added later for some)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="train and evaluate nothing: tabulate the evaluated runs under --out (--all-runs)")
+    ap.add_argument("--at-step", type=int, metavar="K",
+                    help="tabulate the runs as they stood at step K (their report made there: the final one "
+                         "or a --track one; validation records up to K), e.g. a screening's budget")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     ap.add_argument("--parallel", type=int, default=2, help="runs side by side")
     a = ap.parse_args(argv)
@@ -397,13 +421,19 @@ def main(argv=None) -> int:
     variants = parse_variants(a.variants, a.variant)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(v, sets, b, int(s)) for v, sets in variants for b in a.bottlenecks.split(",")
-            for s in a.seeds.split(",")]
+    jobs = [] if a.table_only else [(v, sets, b, int(s)) for v, sets in variants
+                                    for b in a.bottlenecks.split(",") for s in a.seeds.split(",")]
+    a.all_runs |= a.table_only
+    if a.at_step:
+        steps = a.at_step
+    if a.all_runs:                  # name every variant the tabulated runs use
+        variants = [(v, VARIANTS[v]) for v in VARIANTS if any(d.name.startswith(f"{v}-") for d in out.iterdir())]
+        variants = variants or [(None, [])]
     with ThreadPoolExecutor(max_workers=a.parallel) as pool:
         codes = list(pool.map(lambda j: run_one(out, *j, steps, a.threads, a.preset, track, a.n_resynth,
                                                 a.seconds), jobs))
-    rows = ([summarize(d) for d in finished_runs(out)] if a.all_runs else
-            [summarize(out / run_name(v, b, s)) for (v, _, b, s), rc in zip(jobs, codes) if rc == 0])
+    rows = ([summarize(d, a.at_step) for d in finished_runs(out, a.at_step)] if a.all_runs else
+            [summarize(out / run_name(v, b, s), a.at_step) for (v, _, b, s), rc in zip(jobs, codes) if rc == 0])
     ablation = variants != [(None, [])] or track or a.n_resynth or a.all_runs
     text = "\n".join([f"# Representation experiment: {a.preset} preset, {steps} steps, demo corpus", "",
                       markdown_table(rows, COLUMNS_20 if ablation else COLUMNS), "",
@@ -415,11 +445,13 @@ def main(argv=None) -> int:
                       "## Targets (issue #9)", "", *(f"- {t}" for t in targets(rows)), "",
                       "## Targets (issue #20)", "", *(f"- {t}" for t in targets_20(rows)), ""])
     print(text)
-    (out / "representation.md").write_text(text)
-    plot(rows, out / "conditioning_gain.png")
-    plot_tracking(rows, out / "tracking.png")
-    print(f"written: {out / 'representation.md'}, {out / 'conditioning_gain.png'}, {out / 'tracking.png'}",
-          file=sys.stderr)
+    tag = f"-step{a.at_step}" if a.at_step else ""          # a screening's table beside the final one
+    md, gain_png, track_png = (out / f"representation{tag}.md", out / f"conditioning_gain{tag}.png",
+                               out / f"tracking{tag}.png")
+    md.write_text(text)
+    plot(rows, gain_png)
+    plot_tracking(rows, track_png)
+    print(f"written: {md}, {gain_png}, {track_png}", file=sys.stderr)
     return 0 if all(rc == 0 for rc in codes) else 1
 
 

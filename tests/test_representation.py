@@ -150,3 +150,18 @@ def test_variants_parse_from_the_table_and_the_command_line():
     # every built-in variant is a valid override of the small preset
     for sets in rep.VARIANTS.values():
         preset("small").with_overrides(sets)
+
+
+def test_a_run_as_it_stood_at_a_step(tmp_path):
+    """--at-step K: a screening's budget. The row takes the validation records up to K and the report
+    made at K (a tracked report-stepK, or the final report when it was made at K); a run with no report
+    at K is left out."""
+    d = _fake_run(tmp_path, "vqvae", [0.3, 0.2, 0.25, 0.35], [0.6, 0.5, 0.3, 0.6], [5, 10, 1, 20], perplexity=20.0)
+    (d / "report-step500").mkdir()
+    (d / "report-step500" / "report.json").write_text(json.dumps(
+        {"step": 500, "probe_accuracy": {"phone_latents": 0.4, "phone_mfcc": 0.5}, "abx": None}))
+    r = rep.summarize(d, at_step=500)
+    assert r["steps"] == 500 and r["gain"] == 0.2 and r["phone"] == (0.4, 0.5) and r["tracked"] == {}
+    assert rep.summarize(d)["gain"] == 0.35 and rep.summarize(d, at_step=1000)["phone"] == (0.6, 0.5)
+    assert [x.name for x in rep.finished_runs(tmp_path, 500)] == [d.name]
+    assert rep.finished_runs(tmp_path, 750) == []
