@@ -249,13 +249,40 @@ def _cmp(a, b, strict: bool = False) -> bool:
     return a is not None and b is not None and (a > b if strict else a >= b)
 
 
+def _num(v, spec=".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _lat(r: dict, k: str):
+    return r[k][0] if r[k] else None
+
+
+def _mfcc(r: dict, k: str):
+    return r[k][1] if r[k] else None
+
+
+def _speaker_bound(r: dict):
+    """Midway from chance to the MFCC speaker probe."""
+    return None if _mfcc(r, "speaker") is None else (1 / r["n_speakers"] + _mfcc(r, "speaker")) / 2
+
+
+def _target_lines(checks, partly: bool) -> list[str]:
+    """checks: (what, runs, ok(run), show(run)) -> '[met|missed|partly met|n/a] what: run figures; ...'
+    ('partly met' only when `partly`: some runs meet it, others do not)."""
+    lines = []
+    for what, runs, ok, show in checks:
+        oks = [ok(r) for r in runs]
+        status = ("n/a" if not runs else "met" if all(oks) else
+                  "partly met" if partly and any(oks) else "missed")
+        lines.append(f"[{status}] {what}: " + ("; ".join(f"{r['name']} {show(r)}" + ("" if o else " (missed)")
+                                                         for r, o in zip(runs, oks)) or "no such run"))
+    return lines
+
+
 def targets(rows: list[dict]) -> list[str]:
     """One line per target of issue #9: met / missed / n/a, with the numbers of every run concerned.
     The codebook, probe and ABX targets are the paper's claims about VQ-VAE latents."""
-    num = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
-    lat = lambda r, k: r[k][0] if r[k] else None
-    mfcc = lambda r, k: r[k][1] if r[k] else None
-    bound = lambda r: None if mfcc(r, "speaker") is None else (1 / r["n_speakers"] + mfcc(r, "speaker")) / 2
+    num, lat, mfcc, bound = _num, _lat, _mfcc, _speaker_bound
     vq = [r for r in rows if r["bottleneck"] == "vqvae"]
     checks = [
         (f"conditioning gain clearly positive (final >= {CONDITIONING_GAIN_MIN} nats/sample) and rising "
@@ -273,22 +300,13 @@ def targets(rows: list[dict]) -> list[str]:
           lambda r, k=f"abx_{c}": _cmp(mfcc(r, k), lat(r, k), strict=True),
           lambda r, k=f"abx_{c}": f"{num(lat(r, k), '.1f')}% vs {num(mfcc(r, k), '.1f')}%")
          for c in ("within", "across")]
-    lines = []
-    for what, runs, ok, show in checks:
-        oks = [ok(r) for r in runs]
-        status = "n/a" if not runs else "met" if all(oks) else "missed"
-        lines.append(f"[{status}] {what}: " + ("; ".join(f"{r['name']} {show(r)}" + ("" if o else " (missed)")
-                                                         for r, o in zip(runs, oks)) or "no such run"))
-    return lines
+    return _target_lines(checks, partly=False)
 
 
 def targets_20(rows: list[dict]) -> list[str]:
     """One line per target of issue #20 (met / missed / n/a), per vqvae run (the speaker gain, voice
     conversion and conditioning-gain targets for every run)."""
-    num = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
-    lat = lambda r, k: r[k][0] if r[k] else None
-    mfcc = lambda r, k: r[k][1] if r[k] else None
-    bound = lambda r: None if mfcc(r, "speaker") is None else (1 / r["n_speakers"] + mfcc(r, "speaker")) / 2
+    num, lat, mfcc, bound = _num, _lat, _mfcc, _speaker_bound
     vq = [r for r in rows if r["bottleneck"] == "vqvae"]
     checks = [
         ("vqvae phone probe on latents >= on MFCCs", vq, lambda r: _cmp(lat(r, "phone"), mfcc(r, "phone")),
@@ -306,13 +324,7 @@ def targets_20(rows: list[dict]) -> list[str]:
         ("conditioning gain does not decline over the last half of training (final >= mid-run)", rows,
          lambda r: _cmp(r["gain"], r["gain_mid"]), lambda r: f"{num(r['gain'])} (mid-run {num(r['gain_mid'])})"),
     ]
-    lines = []
-    for what, runs, ok, show in checks:
-        oks = [ok(r) for r in runs]
-        status = "n/a" if not runs else "met" if all(oks) else "missed" if not any(oks) else "partly met"
-        lines.append(f"[{status}] {what}: " + ("; ".join(f"{r['name']} {show(r)}" + ("" if o else " (missed)")
-                                                         for r, o in zip(runs, oks)) or "no such run"))
-    return lines
+    return _target_lines(checks, partly=True)
 
 
 def plot(rows: list[dict], out: Path) -> None:
