@@ -93,14 +93,20 @@ def encoder_field(m) -> int:
     return chain_field(featurizer_layers(m) + encoder_layers(m))
 
 
-def _padded(wav: np.ndarray, m) -> tuple[np.ndarray, int]:
-    """The signal zero-padded so that latent k's field is centred on [k * hop, (k + 1) * hop), and M."""
-    T, hop, f = len(wav), m.hop, encoder_field(m)
-    if T == 0:
+def encode_padding(m, n_samples: int) -> tuple[int, int, int]:
+    """(left, right, M): the zeros around a signal of n_samples so that latent k's field is centred on
+    [k * hop, (k + 1) * hop), for its M = ceil(n_samples / hop) latents (right < 0: samples to spare)."""
+    if n_samples == 0:
         raise ValueError("empty signal")
-    M = math.ceil(T / hop)
+    hop, f = m.hop, encoder_field(m)
+    M = math.ceil(n_samples / hop)
     left = max(0, (f - hop) // 2)
-    right = (M - 1) * hop + f - left - T
+    return left, (M - 1) * hop + f - left - n_samples, M
+
+
+def _padded(wav: np.ndarray, m) -> tuple[np.ndarray, int]:
+    """The signal zero-padded as `encode_padding` says, and M."""
+    left, right, M = encode_padding(m, len(wav))
     return np.concatenate([np.zeros(left, np.float32), np.asarray(wav, np.float32),
                            np.zeros(max(0, right), np.float32)]), M
 

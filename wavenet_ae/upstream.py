@@ -26,14 +26,13 @@ computed without autograd).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encode import encoder_field
+from .encode import encode_padding
 from .features import mfcc_features
 
 
@@ -51,8 +50,6 @@ class Upstream(nn.Module):
         self.encoder, self.bottleneck = source.model.encoder, source.model.bottleneck
         self.bottleneck.eval()
         self.hop, self.sample_rate = self.cfg.hop, self.cfg.sample_rate
-        self._field = encoder_field(self.cfg)
-        self._left = max(0, (self._field - self.hop) // 2)           # as encode.encode_signal pads
         # the 50 Hz states are the *inputs* of these modules, then the encoder's output (forward
         # pre-hooks while `forward` runs: the encoder's own tensors, no copy of its code)
         self._taps = [self.encoder.conv_mid, self.encoder.conv_res2, *self.encoder.fcs]
@@ -72,11 +69,12 @@ class Upstream(nn.Module):
         lens = [int(w.shape[-1]) for w in wavs]
         if any(w.dim() != 1 for w in wavs) or min(lens) == 0:
             raise ValueError(f"wavs must be non-empty 1-D tensors; got shapes {[tuple(w.shape) for w in wavs]}")
-        M = [math.ceil(n / self.hop) for n in lens]
+        pads = [encode_padding(self.cfg, n) for n in lens]           # (left, right, M) as encode pads alone
+        M = [p[2] for p in pads]
         # each item zero-padded as encode_signal pads it alone, then right-padded to a common length
-        width = (max(M) - 1) * self.hop + self._field
-        x = torch.stack([F.pad(w.to(dev, torch.float32), (self._left, width - self._left - n))
-                         for w, n in zip(wavs, lens)])
+        width = max(n + left + right for n, (left, right, _) in zip(lens, pads))
+        x = torch.stack([F.pad(w.to(dev, torch.float32), (left, width - left - n))
+                         for w, n, (left, _, _) in zip(wavs, lens, pads)])
         feats = mfcc_features(x, self.cfg)                     # (B, n_in, F), no autograd
         states: list[torch.Tensor] = []
         hooks = [t.register_forward_pre_hook(lambda mod, args: states.append(args[0])) for t in self._taps]
